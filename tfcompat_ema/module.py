@@ -1,0 +1,83 @@
+"""``EMAModule``: a model and its moving average in one ``nn.Module``."""
+from __future__ import annotations
+
+from typing import Any, Dict, List, Tuple
+
+import torch
+from torch import nn
+
+from .ema import ExponentialMovingAverage
+
+BUFFER_POLICIES = ("copy", "average")
+
+
+class EMAModule(nn.Module):
+    """Wraps a model: live weights in train mode, averaged weights in eval mode.
+
+    Call :meth:`update` after each optimizer step. In eval mode the forward pass runs
+    the model with the averages in place of its parameters (``torch.func.functional_call``),
+    so the live weights are never touched and nothing is copied.
+
+    Buffers (BatchNorm running statistics and the like):
+        ``buffers="copy"`` (default): the averaged model uses the live buffers, as if
+        copied at every step, which is what TF does with the non-trainable variables
+        it does not average. ``buffers="average"``: floating buffers are averaged like
+        parameters; integer buffers (``num_batches_tracked``) are always live.
+
+    The wrapped ``ExponentialMovingAverage`` is ``self.ema``; its state travels in this
+    module's ``state_dict`` (as extra state), and ``.to()``/``.cuda()`` move it along.
+
+    Example:
+        >>> import torch
+        >>> from tfcompat_ema import EMAModule
+        >>> model = EMAModule(torch.nn.Linear(2, 1), decay=0.9)
+        >>> model.update()                        # the averages start at the weights
+        >>> with torch.no_grad():
+        ...     model.module.bias.add_(1.0)
+        >>> model.update()
+        >>> x = torch.ones(1, 2)
+        >>> train_out = model.train()(x)
+        >>> eval_out = model.eval()(x)            # averaged bias: 0.1 of the way
+        >>> round(float(train_out - eval_out), 4)
+        0.9
+    """
+
+    def __init__(self, module: nn.Module, decay, num_updates=None,
+                 name: str = "ExponentialMovingAverage", buffers: str = "copy"):
+        super().__init__()
+        if buffers not in BUFFER_POLICIES:
+            raise ValueError(f"buffers must be one of {BUFFER_POLICIES}, got {buffers!r}")
+        self.module = module
+        self.ema = ExponentialMovingAverage(decay, num_updates=num_updates, name=name)
+        self.buffer_policy = buffers
+
+    def _averaged_entries(self) -> List[Tuple[str, torch.Tensor]]:
+        entries = [(n, p) for n, p in self.module.named_parameters() if p.requires_grad]
+        if self.buffer_policy == "average":
+            entries += [(n, b) for n, b in self.module.named_buffers() if b.is_floating_point()]
+        return entries
+
+    def update(self) -> None:
+        """Update the averages from the live weights (and floating buffers, if averaged)."""
+        self.ema.apply(self._averaged_entries())
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        if self.training:
+            return self.module(*args, **kwargs)
+        # Entries not averaged yet (before the first update) run with their live values.
+        averages = {name: average for name, tensor in self._averaged_entries()
+                    if (average := self.ema.average(tensor)) is not None}
+        return torch.func.functional_call(self.module, averages, args, kwargs)
+
+    def get_extra_state(self) -> Dict[str, torch.Tensor]:
+        return self.ema.state_dict()
+
+    def set_extra_state(self, state: Dict[str, torch.Tensor]) -> None:
+        self.ema.load_state_dict(state)
+
+    def _apply(self, fn, *args, **kwargs):
+        super()._apply(fn, *args, **kwargs)
+        first = next(iter(self.module.parameters()), None)
+        if first is not None:
+            self.ema.to(first.device)
+        return self

@@ -1,0 +1,92 @@
+"""TensorFlow's moving-average arithmetic, op for op.
+
+Each function mirrors a few lines of ``tensorflow/python/training/moving_averages.py``
+(TF 2.21); the TF line it reproduces is quoted beside it. Every operation is
+rounded in the dtype TF rounds it in, which is what makes the results bitwise
+equal. In particular the update is *not* ``torch.lerp`` (a fused multiply-add
+rounds once where TF rounds twice) and *not* ``decay * s + (1 - decay) * v``.
+
+The functions on lists of tensors (``assign_moving_average_`` and
+``zero_debias_``) dispatch to :mod:`tfcompat_ema.kernels`, which does the same
+arithmetic in as few passes over memory as it can.
+
+>>> import torch
+>>> from tfcompat_ema import tf_math
+>>> decay = tf_math.float32_decay(0.999, num_updates=5)   # min(0.999, 6/15)
+>>> float(decay)
+0.4000000059604645
+>>> d = tf_math.update_weight(decay, torch.float32)         # float32(1) - decay
+>>> shadow, value = torch.tensor([1.0]), torch.tensor([0.0])
+>>> tf_math.assign_moving_average_([shadow], [value], d)
+>>> shadow
+tensor([0.4000])
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from . import kernels
+
+#: The dtypes TF's ``ExponentialMovingAverage.apply`` accepts.
+SUPPORTED_DTYPES = (torch.bfloat16, torch.float16, torch.float32, torch.float64)
+
+
+def float32_decay(decay, num_updates=None) -> torch.Tensor:
+    """The decay TF uses at one ``apply``, as a 0-dim float32 tensor.
+
+    ``decay`` is a Python number or a 0-dim tensor; ``num_updates`` is None, an
+    int or a 0-dim integer tensor. The result lives on ``decay``'s device when it
+    is a tensor, else on the CPU.
+    """
+    # decay = ops.convert_to_tensor(self._decay, dtype=dtypes.float32)
+    decay = torch.as_tensor(decay).to(torch.float32)
+    if num_updates is not None:
+        # num_updates = math_ops.cast(self._num_updates, dtypes.float32)
+        # (an int goes through int64 first, so counts above 2**24 round as TF's cast does)
+        n = torch.as_tensor(num_updates, dtype=torch.int64, device=decay.device).to(torch.float32)
+        # decay = math_ops.minimum(decay, (1.0 + num_updates) / (10.0 + num_updates))
+        decay = torch.minimum(decay, (1.0 + n) / (10.0 + n))
+    return decay
+
+
+def update_weight(decay: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``1 - decay``, computed in float32 and then cast to the variable dtype."""
+    # decay = ops.convert_to_tensor(1.0 - decay); decay = math_ops.cast(decay, variable.dtype)
+    return (1.0 - decay).to(dtype)
+
+
+def assign_moving_average_(shadows: Sequence[torch.Tensor], values: Sequence[torch.Tensor],
+                           d: torch.Tensor) -> None:
+    """``shadow -= (shadow - value) * d`` for each pair, in place.
+
+    All tensors share one device and one dtype; ``d`` is a 0-dim tensor of that
+    dtype (see :func:`update_weight`).
+    """
+    # state_ops.assign_sub(v, (v - value) * decay)
+    kernels.moving_average_(shadows, values, d)
+
+
+def bias_correction(d: torch.Tensor, local_step: torch.Tensor) -> torch.Tensor:
+    """TF's debiasing divisor ``1 - (1 - d) ** local_step``, in the variable dtype."""
+    # bias_factor = 1 - math_ops.pow(1.0 - decay, update_local_step)
+    return 1 - torch.pow(1.0 - d, local_step)
+
+
+def zero_debias_(shadows: Sequence[torch.Tensor], biased: Sequence[torch.Tensor],
+                 local_steps: Sequence[torch.Tensor], values: Sequence[torch.Tensor],
+                 d: torch.Tensor) -> None:
+    """TF's ``_zero_debias`` update for shadows of non-variable tensors, in place.
+
+    ``biased`` holds the raw (zero-started) average, ``local_steps`` the 0-dim
+    step counts, kept in the variable dtype as TF does (so float16 stops at 2048
+    and bfloat16 at 256).
+    """
+    # update_biased = state_ops.assign_sub(biased_var, (biased_var - value) * decay)
+    kernels.moving_average_(biased, values, d)
+    for shadow, biased_var, local_step in zip(shadows, biased, local_steps):
+        # update_local_step = local_step.assign_add(1)
+        local_step.add_(1)
+        # state_ops.assign(v, update_biased / bias_factor)
+        torch.div(biased_var, bias_correction(d, local_step), out=shadow)
