@@ -9,7 +9,7 @@ from typing import Callable, Dict, Iterable, Iterator, List, Mapping, Optional, 
 import torch
 from torch import nn
 
-from . import tf_math
+from . import kernels, tf_math
 
 Tensor = torch.Tensor
 VarList = Union[nn.Module, Mapping[str, Tensor], Iterable[Tuple[str, Tensor]]]
@@ -36,6 +36,37 @@ class _Slot:
             state[self.average_name + "/biased"] = self.biased
             state[self.average_name + "/local_step"] = self.local_step
         return state
+
+
+@dataclass
+class _Plan:
+    """An ``apply`` prepared once: its variables' averages grouped into kernel batches.
+
+    It holds while the same variables keep their memory and shapes; anything else
+    (a new variable, a variable given new storage) sends ``apply`` through its full checks.
+    """
+    slots: List[_Slot]
+    batches: List[Tuple[torch.dtype, "kernels.Batch"]]
+
+    def __post_init__(self):
+        self.variables = [slot.var for slot in self.slots]
+        self.pointers = list(map(Tensor.data_ptr, self.variables))
+        self.shapes = [v.shape for v in self.variables]
+
+    def matches(self, pairs: Optional[List[Tuple[str, Tensor]]]) -> bool:
+        if pairs is not None and not all(v is var for (_, v), var in zip(pairs, self.variables)):
+            return False
+        return (list(map(Tensor.data_ptr, self.variables)) == self.pointers
+                and [v.shape for v in self.variables] == self.shapes)
+
+
+def _groups(slots: Iterable[_Slot]) -> Dict[Tuple[torch.device, torch.dtype, bool], List[_Slot]]:
+    """Slots by device, dtype and whether they are debiased: one kernel batch each."""
+    groups: Dict[Tuple[torch.device, torch.dtype, bool], List[_Slot]] = {}
+    for slot in slots:
+        key = (slot.shadow.device, slot.shadow.dtype, slot.biased is not None)
+        groups.setdefault(key, []).append(slot)
+    return groups
 
 
 class ExponentialMovingAverage:
@@ -89,6 +120,7 @@ class ExponentialMovingAverage:
         self._name = name
         self._slots: Dict[str, _Slot] = {}
         self._names_by_id: Dict[int, str] = {}       # id(variable) -> name, for lookups by tensor
+        self._plans: Dict[Optional[Tuple[str, ...]], _Plan] = {}   # apply's prepared batches
         self._modules: List[nn.Module] = []          # applied modules, for variables_to_restore
         self._loaded: Dict[str, Tensor] = {}         # loaded averages waiting for their variable
         self._update_count = 0                       # the "auto" num_updates
@@ -111,30 +143,44 @@ class ExponentialMovingAverage:
 
         ``var_list``: an ``nn.Module`` (its parameters that require grad), a mapping of
         names to tensors, or an iterable of ``(name, tensor)`` pairs. None updates every
-        tracked variable. A new variable's average starts as a copy of its value.
+        tracked variable, which is also the fastest way to update them all: after the first
+        call, ``apply()`` does no per-variable work beyond checking that each variable
+        still has its memory and shape.
         """
-        if var_list is None:
-            if not any(slot.var is not None for slot in self._slots.values()):
+        pairs = None if var_list is None else _named_tensors(var_list)
+        key = None if pairs is None else tuple(name for name, _ in pairs)
+        decay = self._read_decay()
+        plan = self._plans.get(key)
+        if plan is None or not plan.matches(pairs):
+            plan = self._plans[key] = self._plan(pairs, var_list)
+        for dtype, batch in plan.batches:
+            tf_math.assign_moving_average_(batch, tf_math.update_weight(decay, dtype))
+        self._update_count += 1
+
+    def _plan(self, pairs: Optional[List[Tuple[str, Tensor]]], var_list) -> "_Plan":
+        """Check an update of variables, create their averages, and group them for the kernels."""
+        if pairs is None:
+            pairs = [(n, s.var) for n, s in self._slots.items() if s.var is not None]
+            if not pairs:
                 raise RuntimeError("apply() with no argument updates the tracked variables, "
                                    "but none are tracked yet: pass a module or tensors first")
-            pairs = [(n, s.var) for n, s in self._slots.items() if s.var is not None]
-            module = None
-        else:
-            pairs = _named_tensors(var_list)
-            module = var_list if isinstance(var_list, nn.Module) else None
         self._check_update(pairs, variables=True)
-        decay = self._read_decay()
         for name, var in pairs:
             slot = self._slots.get(name)
             if slot is None:
                 slot = self._slots[name] = self._new_slot(name, var, var=var)
+                self._plans.clear()
             elif slot.var is not var:   # the same memory seen through another tensor object
                 self._names_by_id.pop(id(slot.var), None)
                 slot.var = var
+                self._plans.clear()
             self._names_by_id[id(var)] = name
-        if module is not None and all(module is not m for m in self._modules):
-            self._modules.append(module)
-        self._update([(self._slots[name], var) for name, var in pairs], decay)
+        if isinstance(var_list, nn.Module) and all(var_list is not m for m in self._modules):
+            self._modules.append(var_list)
+        slots = [self._slots[name] for name, _ in pairs]
+        return _Plan(slots, [(dtype, kernels.Batch([s.shadow for s in group],
+                                                   [s.var for s in group]))
+                             for (_, dtype, _), group in _groups(slots).items()])
 
     @torch.no_grad()
     def apply_tensors(self, tensors: Mapping[str, Tensor]) -> None:
@@ -152,7 +198,16 @@ class ExponentialMovingAverage:
         for name, value in pairs:
             if name not in self._slots:
                 self._slots[name] = self._new_slot(name, value, var=None)
-        self._update([(self._slots[name], value) for name, value in pairs], decay)
+        values = dict(pairs)
+        for (_, dtype, debias), group in _groups([self._slots[name] for name, _ in pairs]).items():
+            d = tf_math.update_weight(decay, dtype)
+            batch = kernels.Batch([s.shadow for s in group], [values[s.name] for s in group],
+                                  biased=[s.biased for s in group] if debias else None)
+            if debias:
+                tf_math.zero_debias_(batch, [s.local_step for s in group], d)
+            else:
+                tf_math.assign_moving_average_(batch, d)
+        self._update_count += 1
 
     def _check_update(self, pairs: List[Tuple[str, Tensor]], variables: bool) -> None:
         """Every check of an update, done before anything changes."""
@@ -219,21 +274,6 @@ class ExponentialMovingAverage:
                          else zeros),
             biased=state("/biased", zeros.clone()) if debias else None,
             local_step=state("/local_step", value.new_zeros(())) if debias else None)
-
-    def _update(self, slots_and_values: List[Tuple[_Slot, Tensor]], decay: Tensor) -> None:
-        groups: Dict[Tuple[torch.device, torch.dtype, bool], List[Tuple[_Slot, Tensor]]] = {}
-        for slot, value in slots_and_values:
-            key = (value.device, value.dtype, slot.biased is not None)
-            groups.setdefault(key, []).append((slot, value))
-        for (_, dtype, debias), group in groups.items():
-            d = tf_math.update_weight(decay, dtype)
-            values = [value for _, value in group]
-            if debias:
-                tf_math.zero_debias_([s.shadow for s, _ in group], [s.biased for s, _ in group],
-                                     [s.local_step for s, _ in group], values, d)
-            else:
-                tf_math.assign_moving_average_([s.shadow for s, _ in group], values, d)
-        self._update_count += 1
 
     # ------------------------------------------------------------------ TF's accessors
     def average(self, var: Union[str, Tensor]) -> Optional[Tensor]:
@@ -437,6 +477,7 @@ class ExponentialMovingAverage:
                 slot.biased = slot.biased.to(device)
                 slot.local_step = slot.local_step.to(device)
         self._loaded = {k: v.to(device) for k, v in self._loaded.items()}
+        self._plans.clear()
         return self
 
 

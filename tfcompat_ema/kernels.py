@@ -1,22 +1,98 @@
-"""The moving-average update ``s -= (s - v) * d`` over lists of tensors.
+"""The elementwise part of TF's update, ``s -= (s - v) * d``, over many tensors at once.
 
 Two exact implementations of the same per-op formula:
 
-* ``torch_moving_average_``: three ``torch._foreach_*`` passes, each op rounded in
-  the tensors' dtype. Works on every device. It walks the lists in chunks of at
-  most ``CHUNK_BYTES`` so that its temporaries stay small.
-* the native fused kernel (:mod:`tfcompat_ema._fused`, built with the package),
-  used for CPU tensors: one pass over memory, no temporaries, each op rounded as
-  TF rounds it (compiled without floating-point contraction, so no FMA).
+* the native fused kernel (:mod:`tfcompat_ema._fused`, compiled with the package), for
+  CPU tensors: one pass over memory, no temporaries, each op rounded as TF rounds it
+  (no floating-point contraction, so no FMA), denormals flushed to zero as on TF's CPU
+  threads, split over ``torch.get_num_threads()`` threads;
+* ``torch_moving_average_``: three ``torch._foreach_*`` passes, for other devices, for
+  layouts the flat kernel cannot walk, and where the kernel was not built. It walks the
+  lists in chunks of at most ``CHUNK_BYTES`` so that its temporaries stay small.
+
+A :class:`Batch` groups tensors of one device and dtype and prepares them once, so that
+repeated updates of the same tensors do no per-tensor work in Python.
 """
 from __future__ import annotations
 
-from typing import Iterator, List, Sequence, Tuple
+from array import array
+from typing import Iterator, List, Optional, Sequence, Tuple
 
 import torch
 
+try:
+    from . import _fused
+except ImportError:  # built without a C compiler: the torch path serves alone
+    _fused = None
+
 #: Upper bound on the bytes one chunk of the torch path touches per list.
 CHUNK_BYTES = 16 << 20
+
+_DTYPE_CODES = {torch.float32: 0, torch.float64: 1, torch.float16: 2, torch.bfloat16: 3}
+
+
+def fused_available() -> bool:
+    """Whether the compiled one-pass CPU kernel is installed."""
+    return _fused is not None
+
+
+class Batch:
+    """Shadows (and, for debiasing, biased averages) with their values, of one device and dtype.
+
+    The values are read where they lie at each update: a batch stays valid while the
+    tensors keep their memory (the caller checks ``data_ptr`` to know).
+
+    Example:
+        >>> import torch
+        >>> s, v = torch.ones(3), torch.zeros(3)
+        >>> Batch([s], [v]).moving_average_(torch.tensor(0.25))
+        >>> s
+        tensor([0.7500, 0.7500, 0.7500])
+    """
+
+    def __init__(self, shadows: Sequence[torch.Tensor], values: Sequence[torch.Tensor],
+                 biased: Optional[Sequence[torch.Tensor]] = None):
+        self.shadows, self.values = list(shadows), list(values)
+        self.biased = None if biased is None else list(biased)
+        fused = [] if _fused is None or not self.shadows or \
+            self.shadows[0].device.type != "cpu" else self._fusable()
+        self._fused_index = fused
+        self._torch_index = sorted(set(range(len(self.shadows))) - set(fused))
+        if fused:
+            pick = lambda tensors: [tensors[i] for i in fused]  # noqa: E731
+            self._code = _DTYPE_CODES[self.shadows[0].dtype]
+            self._numels = array("q", map(torch.Tensor.numel, pick(self.shadows)))
+            self._pointers = [_pointers(pick(self.shadows)), _pointers(pick(self.values)),
+                              None if biased is None else _pointers(pick(self.biased))]
+
+    def _fusable(self) -> List[int]:
+        """The pairs the flat kernel can walk: value dense and laid out like its shadow."""
+        return [i for i, (s, v) in enumerate(zip(self.shadows, self.values))
+                if s.stride() == v.stride() and (v.is_contiguous() or _dense(v))
+                and (self.biased is None or self.biased[i].stride() == s.stride())]
+
+    def moving_average_(self, d: torch.Tensor) -> None:
+        """``s -= (s - v) * d`` for every pair; ``d`` is a 0-dim tensor of the batch dtype."""
+        if self._fused_index:
+            shadows, values, _ = self._pointers
+            _fused.update(self._code, shadows, None, values, self._numels, float(d), None,
+                          torch.get_num_threads())
+        if self._torch_index:
+            torch_moving_average_([self.shadows[i] for i in self._torch_index],
+                                  [self.values[i] for i in self._torch_index], d)
+
+    def zero_debias_(self, d: torch.Tensor, factors: Sequence[torch.Tensor]) -> None:
+        """``b -= (b - v) * d; s = b / factor`` for every triple (0-dim factors, one each)."""
+        if self._fused_index:
+            shadows, values, biased = self._pointers
+            factor_values = array("d", (float(factors[i]) for i in self._fused_index))
+            _fused.update(self._code, shadows, biased, values, self._numels, float(d),
+                          factor_values, torch.get_num_threads())
+        if self._torch_index:
+            rest = self._torch_index
+            torch_moving_average_([self.biased[i] for i in rest], [self.values[i] for i in rest], d)
+            for i in rest:
+                torch.div(self.biased[i], factors[i], out=self.shadows[i])
 
 
 def torch_moving_average_(shadows: Sequence[torch.Tensor], values: Sequence[torch.Tensor],
@@ -57,8 +133,15 @@ def _slices(shadow: torch.Tensor, value: torch.Tensor) -> Iterator[Tuple[torch.T
         yield flat_shadow[start:start + step], flat_value[start:start + step]
 
 
-def moving_average_(shadows: Sequence[torch.Tensor], values: Sequence[torch.Tensor],
-                    d: torch.Tensor) -> None:
-    """``s -= (s - v) * d`` for tensors of one device and dtype, by the fastest exact path."""
-    if shadows:
-        torch_moving_average_(shadows, values, d)
+def _pointers(tensors: Sequence[torch.Tensor]) -> array:
+    return array("Q", map(torch.Tensor.data_ptr, tensors))
+
+
+def _dense(t: torch.Tensor) -> bool:
+    """Non-overlapping and dense, in any dimension order (channels_last and the like)."""
+    size = 1
+    for dim_size, stride in sorted(zip(t.shape, t.stride()), key=lambda p: p[1]):
+        if dim_size != 1 and stride != size:
+            return False
+        size *= dim_size
+    return True

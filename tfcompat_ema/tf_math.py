@@ -7,17 +7,18 @@ equal. In particular the update is *not* ``torch.lerp`` (a fused multiply-add
 rounds once where TF rounds twice) and *not* ``decay * s + (1 - decay) * v``.
 
 The functions on lists of tensors (``assign_moving_average_`` and
-``zero_debias_``) dispatch to :mod:`tfcompat_ema.kernels`, which does the same
-arithmetic in as few passes over memory as it can.
+``zero_debias_``) hand the elementwise part to :mod:`tfcompat_ema.kernels`, which
+does the same arithmetic in as few passes over memory as it can (and, on the CPU,
+with denormals flushed to zero, as TF's CPU kernels run).
 
 >>> import torch
->>> from tfcompat_ema import tf_math
+>>> from tfcompat_ema import kernels, tf_math
 >>> decay = tf_math.float32_decay(0.999, num_updates=5)   # min(0.999, 6/15)
 >>> float(decay)
 0.4000000059604645
 >>> d = tf_math.update_weight(decay, torch.float32)         # float32(1) - decay
 >>> shadow, value = torch.tensor([1.0]), torch.tensor([0.0])
->>> tf_math.assign_moving_average_([shadow], [value], d)
+>>> tf_math.assign_moving_average_(kernels.Batch([shadow], [value]), d)
 >>> shadow
 tensor([0.4000])
 """
@@ -57,15 +58,13 @@ def update_weight(decay: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return (1.0 - decay).to(dtype)
 
 
-def assign_moving_average_(shadows: Sequence[torch.Tensor], values: Sequence[torch.Tensor],
-                           d: torch.Tensor) -> None:
-    """``shadow -= (shadow - value) * d`` for each pair, in place.
+def assign_moving_average_(batch: kernels.Batch, d: torch.Tensor) -> None:
+    """``shadow -= (shadow - value) * d`` for each pair of the batch, in place.
 
-    All tensors share one device and one dtype; ``d`` is a 0-dim tensor of that
-    dtype (see :func:`update_weight`).
+    ``d`` is a 0-dim tensor of the batch dtype (see :func:`update_weight`).
     """
     # state_ops.assign_sub(v, (v - value) * decay)
-    kernels.moving_average_(shadows, values, d)
+    batch.moving_average_(d)
 
 
 def bias_correction(d: torch.Tensor, local_step: torch.Tensor) -> torch.Tensor:
@@ -74,19 +73,19 @@ def bias_correction(d: torch.Tensor, local_step: torch.Tensor) -> torch.Tensor:
     return 1 - torch.pow(1.0 - d, local_step)
 
 
-def zero_debias_(shadows: Sequence[torch.Tensor], biased: Sequence[torch.Tensor],
-                 local_steps: Sequence[torch.Tensor], values: Sequence[torch.Tensor],
+def zero_debias_(batch: kernels.Batch, local_steps: Sequence[torch.Tensor],
                  d: torch.Tensor) -> None:
     """TF's ``_zero_debias`` update for shadows of non-variable tensors, in place.
 
-    ``biased`` holds the raw (zero-started) average, ``local_steps`` the 0-dim
-    step counts, kept in the variable dtype as TF does (so float16 stops at 2048
-    and bfloat16 at 256).
+    The batch holds the shadows, their ``biased`` (zero-started) averages and the values;
+    ``local_steps`` are the 0-dim step counts, kept in the variable dtype as TF keeps
+    them (so float16 stops counting at 2048 and bfloat16 at 256).
     """
-    # update_biased = state_ops.assign_sub(biased_var, (biased_var - value) * decay)
-    kernels.moving_average_(biased, values, d)
-    for shadow, biased_var, local_step in zip(shadows, biased, local_steps):
+    factors = []
+    for local_step in local_steps:
         # update_local_step = local_step.assign_add(1)
         local_step.add_(1)
-        # state_ops.assign(v, update_biased / bias_factor)
-        torch.div(biased_var, bias_correction(d, local_step), out=shadow)
+        factors.append(bias_correction(d, local_step))
+    # update_biased = state_ops.assign_sub(biased_var, (biased_var - value) * decay)
+    # state_ops.assign(v, update_biased / bias_factor)
+    batch.zero_debias_(d, factors)
