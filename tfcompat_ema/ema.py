@@ -277,9 +277,13 @@ class ExponentialMovingAverage:
 
     # ------------------------------------------------------------------ TF's accessors
     def average(self, var: Union[str, Tensor]) -> Optional[Tensor]:
-        """The average of ``var`` (a tracked tensor or a name); None for an untracked tensor."""
+        """The average of ``var`` (a tracked tensor or a name); None for an untracked tensor.
+
+        A name also finds an average loaded by ``load_state_dict`` that waits for its variable.
+        """
         if isinstance(var, str):
-            return self._slot_named(var).shadow
+            loaded = self._loaded.get(self.average_name(var))
+            return loaded if loaded is not None else self._slot_named(var).shadow
         slot = self._slot_of(var)
         return None if slot is None else slot.shadow
 

@@ -64,9 +64,12 @@ class EMAModule(nn.Module):
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         if self.training:
             return self.module(*args, **kwargs)
-        # Entries not averaged yet (before the first update) run with their live values.
-        averages = {name: average for name, tensor in self._averaged_entries()
-                    if (average := self.ema.average(tensor)) is not None}
+        averages = {}
+        for name, _ in self._averaged_entries():
+            try:
+                averages[name] = self.ema.average(name)
+            except KeyError:
+                pass        # not averaged yet (before the first update): the live value serves
         return torch.func.functional_call(self.module, averages, args, kwargs)
 
     def get_extra_state(self) -> Dict[str, torch.Tensor]:
@@ -74,10 +77,14 @@ class EMAModule(nn.Module):
 
     def set_extra_state(self, state: Dict[str, torch.Tensor]) -> None:
         self.ema.load_state_dict(state)
+        self._move_averages()
 
     def _apply(self, fn, *args, **kwargs):
         super()._apply(fn, *args, **kwargs)
+        self._move_averages()
+        return self
+
+    def _move_averages(self) -> None:
         first = next(iter(self.module.parameters()), None)
         if first is not None:
             self.ema.to(first.device)
-        return self

@@ -1,0 +1,92 @@
+"""A quick slice of the parity matrix against real TensorFlow, and the harness itself."""
+import unittest
+
+import numpy as np
+import torch
+from parameterized import parameterized
+
+from parity import compare, naming, run, scenarios as sc
+from tfcompat_ema import ExponentialMovingAverage
+
+
+def quick_slice():
+    wanted = {("basic/variables-eager-plain", "float32"), ("basic/variables-function-plain", "float32"),
+              ("basic/variables-graph-plain", "bfloat16"), ("basic/tensors-graph-debias", "float16"),
+              ("decay/tensor-changed-tensors", "float64"), ("num_updates/above_2**24", "float32"),
+              ("values/tiny", "float32"), ("values/tiny", "bfloat16"), ("values/naninf", "float16"),
+              ("values/overflow", "float16"), ("values/large", "float64")}
+    picked = [s.with_steps(40) for s in sc.matrix(quick=True) if (s.name, s.dtype) in wanted]
+    picked += [sc.Scenario("long/saturation", "float16", "tensors", steps=2100,
+                           shapes=((3,),), decay=0.999, zero_debias=True),
+               sc.Scenario("long/saturation", "bfloat16", "tensors", steps=300,
+                           shapes=((3,),), decay=0.999, zero_debias=True)]
+    return [(f"{s.name}[{s.dtype}]", s) for s in picked]
+
+
+class LerpEMA(ExponentialMovingAverage):
+    """A deliberately wrong EMA: lerp (a fused multiply-add) instead of TF's two roundings."""
+
+    def apply(self, var_list=None):
+        if var_list is not None:
+            super().apply(var_list)      # creates the shadows; the first update changes nothing
+            return
+        decay = float(self._decay)
+        for slot in self._slots.values():
+            slot.shadow.lerp_(slot.var, 1 - decay)
+
+
+class ParityTest(unittest.TestCase):
+    @parameterized.expand(quick_slice())
+    def test_bit_exact_with_tensorflow(self, _, scenario):
+        outcomes = list(run.run_scenario(scenario))
+        ours = outcomes[0]
+        self.assertEqual(ours.impl, "tfcompat_ema")
+        self.assertTrue(ours.exact, f"max ULP {ours.max_ulp} from step {ours.first_diff_step}")
+
+    def test_harness_reports_a_wrong_ema(self):
+        scenario = sc.Scenario("harness/lerp", "float32", steps=50, decay=0.999)
+        wrong = next(run.run_scenario(scenario, ema_class=LerpEMA))
+        self.assertFalse(wrong.exact)
+        self.assertGreater(wrong.max_ulp, 0)
+        self.assertIsNotNone(wrong.first_diff_step)
+
+    def test_naive_ports_are_reported_as_drifting(self):
+        scenario = sc.Scenario("harness/naive", "float32", steps=50, decay=0.999, references=True)
+        by_impl = {o.impl: o for o in run.run_scenario(scenario)}
+        self.assertTrue(by_impl["tfcompat_ema"].exact)
+        self.assertFalse(by_impl["torch.lerp_"].exact)
+        self.assertFalse(by_impl["naive decay*s+(1-decay)*p"].exact)
+
+    def test_naming_matches_tensorflow(self):
+        result = naming.compare_naming()
+        self.assertTrue(result["match"], result["problems"])
+
+
+class CompareTest(unittest.TestCase):
+    def test_ulp_distance_closed_forms(self):
+        one = np.array([1.0])
+        next_up = np.array([np.nextafter(np.float32(1), np.float32(2))], dtype=np.float64)
+        self.assertEqual(compare.ulp_distance(one, next_up, torch.float32)[0], 1)
+        self.assertEqual(compare.ulp_distance(np.array([0.0]), np.array([-0.0]), torch.float32)[0], 0)
+        smallest = float(torch.finfo(torch.float16).smallest_normal) * 2 ** -10
+        self.assertEqual(compare.ulp_distance(np.array([-smallest]), np.array([smallest]),
+                                              torch.float16)[0], 2)
+        self.assertEqual(compare.ulp_distance(np.array([np.nan]), np.array([1.0]), torch.float32)[0],
+                         np.inf)
+
+    def test_signed_zero_is_not_bit_exact(self):
+        outcome = compare.compare("z", "float32", "x", [np.array([[0.0]])], [np.array([[-0.0]])])
+        self.assertFalse(outcome.exact)
+        self.assertEqual(outcome.first_diff_step, 0)
+
+    def test_nan_matches_nan(self):
+        outcome = compare.compare("n", "float16", "x", [np.array([[np.nan]])], [np.array([[np.nan]])])
+        self.assertTrue(outcome.exact)
+
+    def test_values_are_representable_and_seeded(self):
+        s = sc.Scenario("v", "bfloat16", steps=5, regime="tiny")
+        a, b = sc.values(s), sc.values(s)
+        for x, y in zip(a, b):
+            np.testing.assert_array_equal(x, y)
+            back = torch.from_numpy(x).to(torch.bfloat16).to(torch.float64).numpy()
+            np.testing.assert_array_equal(back, x)
