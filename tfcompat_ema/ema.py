@@ -98,7 +98,7 @@ class ExponentialMovingAverage:
         >>> ema = ExponentialMovingAverage(decay=0.9)
         >>> ema.apply(model)                      # shadows start at the weights
         >>> with torch.no_grad():
-        ...     model.bias.fill_(1.0)
+        ...     _ = model.bias.fill_(1.0)
         >>> ema.apply()                           # every tracked variable
         >>> ema.average_name(model.bias)
         'bias/ExponentialMovingAverage'
@@ -382,7 +382,7 @@ class ExponentialMovingAverage:
             >>> ema.apply(model)
             >>> live = model.weight.detach().clone()
             >>> with torch.no_grad():
-            ...     model.weight.add_(1.0)
+            ...     _ = model.weight.add_(1.0)
             >>> ema.apply(model)
             >>> with ema.average_parameters(model):
             ...     torch.equal(model.weight, ema.average(model.weight))

@@ -33,7 +33,7 @@ class EMAModule(nn.Module):
         >>> model = EMAModule(torch.nn.Linear(2, 1), decay=0.9)
         >>> model.update()                        # the averages start at the weights
         >>> with torch.no_grad():
-        ...     model.module.bias.add_(1.0)
+        ...     _ = model.module.bias.add_(1.0)
         >>> model.update()
         >>> x = torch.ones(1, 2)
         >>> train_out = model.train()(x)

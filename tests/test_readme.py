@@ -1,0 +1,21 @@
+"""The README's Python examples run (those that use TensorFlow's API are shown, not run)."""
+import re
+import unittest
+from pathlib import Path
+
+README = Path(__file__).resolve().parent.parent / "README.md"
+
+
+def python_blocks():
+    blocks = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
+    return [b for b in blocks if "import torch" in b]
+
+
+class ReadmeTest(unittest.TestCase):
+    def test_there_are_examples(self):
+        self.assertGreaterEqual(len(python_blocks()), 2)
+
+    def test_examples_run(self):
+        for block in python_blocks():
+            with self.subTest(block=block.splitlines()[0]):
+                exec(compile(block, str(README), "exec"), {})
