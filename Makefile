@@ -30,7 +30,12 @@ parity: $(STAMP)
 parity-quick: $(STAMP)
 	$(PY) -m parity --quick $(PARITY_ARGS)
 
+# Peer EMA libraries to time against; --no-deps keeps them from pulling anything (timm's
+# ModelEmaV3 is loaded from its own file, without torchvision). Not package dependencies.
+PEERS ?= torch-ema==0.3 ema-pytorch==0.8.3 timm==1.0.31
+
 bench: $(STAMP)
+	$(PY) -m pip install -q --no-deps $(PEERS) || echo "peers not installed: timing without them"
 	$(PY) -m bench $(BENCH_ARGS)
 
 clean:

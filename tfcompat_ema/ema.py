@@ -242,7 +242,7 @@ class ExponentialMovingAverage:
                 raise ValueError(f"{name!r} is on {value.device} but its average is on "
                                  f"{slot.shadow.device}: move the averages with ema.to(device)")
 
-    def _read_decay(self) -> Tensor:
+    def _read_decay(self):
         decay = self._decay() if callable(self._decay) else self._decay
         _check_decay(decay)
         if self._num_updates == AUTO:

@@ -14,8 +14,8 @@ with denormals flushed to zero, as TF's CPU kernels run).
 >>> import torch
 >>> from tfcompat_ema import kernels, tf_math
 >>> decay = tf_math.float32_decay(0.999, num_updates=5)   # min(0.999, 6/15)
->>> float(decay)
-0.4000000059604645
+>>> decay
+np.float32(0.4)
 >>> d = tf_math.update_weight(decay, torch.float32)         # float32(1) - decay
 >>> shadow, value = torch.tensor([1.0]), torch.tensor([0.0])
 >>> tf_math.assign_moving_average_(kernels.Batch([shadow], [value]), d)
@@ -26,6 +26,7 @@ from __future__ import annotations
 
 from typing import Sequence
 
+import numpy as np
 import torch
 
 from . import kernels
@@ -34,28 +35,31 @@ from . import kernels
 SUPPORTED_DTYPES = (torch.bfloat16, torch.float16, torch.float32, torch.float64)
 
 
-def float32_decay(decay, num_updates=None) -> torch.Tensor:
-    """The decay TF uses at one ``apply``, as a 0-dim float32 tensor.
+def float32_decay(decay, num_updates=None):
+    """The decay TF uses at one ``apply``, in float32.
 
-    ``decay`` is a Python number or a 0-dim tensor; ``num_updates`` is None, an
-    int or a 0-dim integer tensor. The result lives on ``decay``'s device when it
-    is a tensor, else on the CPU.
+    ``decay`` is a Python number or a 0-dim tensor; ``num_updates`` is None, an int or a
+    0-dim integer tensor. Host numbers are computed as numpy float32 scalars (IEEE single
+    precision, as TF's kernels, and far cheaper than tensor ops); with a tensor among the
+    inputs, the result is a 0-dim float32 tensor on its device, read without a sync.
     """
+    on_host = not isinstance(decay, torch.Tensor) and not isinstance(num_updates, torch.Tensor)
     # decay = ops.convert_to_tensor(self._decay, dtype=dtypes.float32)
-    decay = torch.as_tensor(decay).to(torch.float32)
+    decay = np.float32(decay) if on_host else torch.as_tensor(decay).to(torch.float32)
     if num_updates is not None:
         # num_updates = math_ops.cast(self._num_updates, dtypes.float32)
-        # (an int goes through int64 first, so counts above 2**24 round as TF's cast does)
-        n = torch.as_tensor(num_updates, dtype=torch.int64, device=decay.device).to(torch.float32)
+        # (through int64, so counts above 2**24 round to nearest even as TF's cast does)
+        n = np.float32(np.int64(num_updates)) if on_host else torch.as_tensor(
+            num_updates, dtype=torch.int64, device=decay.device).to(torch.float32)
         # decay = math_ops.minimum(decay, (1.0 + num_updates) / (10.0 + num_updates))
-        decay = torch.minimum(decay, (1.0 + n) / (10.0 + n))
+        decay = (np.minimum if on_host else torch.minimum)(decay, (1.0 + n) / (10.0 + n))
     return decay
 
 
-def update_weight(decay: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """``1 - decay``, computed in float32 and then cast to the variable dtype."""
+def update_weight(decay, dtype: torch.dtype) -> torch.Tensor:
+    """``1 - decay``, computed in float32 and then cast to the variable dtype (0-dim tensor)."""
     # decay = ops.convert_to_tensor(1.0 - decay); decay = math_ops.cast(decay, variable.dtype)
-    return (1.0 - decay).to(dtype)
+    return torch.as_tensor(1.0 - decay).to(dtype)
 
 
 def assign_moving_average_(batch: kernels.Batch, d: torch.Tensor) -> None:

@@ -1,0 +1,1 @@
+"""`python -m bench`: the EMA update timed side by side (see BENCHMARKS.md)."""
