@@ -38,7 +38,7 @@ class EMAModule(nn.Module):
         >>> x = torch.ones(1, 2)
         >>> train_out = model.train()(x)
         >>> eval_out = model.eval()(x)            # averaged bias: 0.1 of the way
-        >>> round(float(train_out - eval_out), 4)
+        >>> round(float((train_out - eval_out).detach()), 4)
         0.9
     """
 
