@@ -13,11 +13,14 @@ BENCH_ARGS ?=
 
 install: $(STAMP)
 
+# tf-keras has TF1's layers (BasicLSTMCell, tf.layers) that the layout tests and the BiDAF port
+# run; --no-deps, since it asks for the "tensorflow" dist, a second copy of tensorflow-cpu.
 $(STAMP): pyproject.toml setup.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip setuptools
 	$(PY) -m pip install -q torch==$(TORCH_VERSION)
 	$(PY) -m pip install -q tensorflow-cpu==$(TF_VERSION)
+	$(PY) -m pip install -q --no-deps tf-keras==$(TF_VERSION)
 	$(PY) -m pip install -q -e '.[tf,test,parity,checkpoint]' torch==$(TORCH_VERSION)
 	touch $@
 

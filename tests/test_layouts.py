@@ -1,0 +1,239 @@
+"""Each layout against the real TF layer: the same weights and input give the same output.
+
+TF's layers (Keras 3, and TF1's cells from tf-keras) run with random weights; the weights
+go through the layout into the PyTorch module, which must compute the same function
+(float32 tolerance: the matmul kernels differ). Going back must give TF's weights bit
+for bit.
+"""
+import unittest
+
+import numpy as np
+import torch
+from torch import nn
+
+from tfcompat_ema import layouts
+
+tf = None
+keras = None
+
+
+def setUpModule():
+    global tf, keras
+    import tensorflow
+    import keras as keras3
+    tf, keras = tensorflow, keras3
+
+
+def torch_of(variable) -> torch.Tensor:
+    return torch.from_numpy(np.array(variable.numpy()))
+
+
+def load(module: nn.Module, values) -> None:
+    with torch.no_grad():
+        for name, value in values.items():
+            module.get_parameter(name).copy_(value)
+
+
+def convert_to_torch(layout, tf_values, torch_prefix=""):
+    """{tf leaf: tensor} -> {torch name: tensor} through every part of the layout."""
+    out = {}
+    for part in layout:
+        if part.tf in tf_values:
+            for leaf, value in zip(part.torch, part.to_torch(tf_values[part.tf])):
+                out[f"{torch_prefix}{leaf}"] = value
+    return out
+
+
+def convert_to_tf(layout, torch_values):
+    return {part.tf: part.to_tf(*(torch_values[leaf] for leaf in part.torch))
+            for part in layout if part.torch[0] in torch_values}
+
+
+class LayoutTestCase(unittest.TestCase):
+    def assertClose(self, ours, theirs, atol=2e-5):
+        ours, theirs = ours.detach().numpy(), np.asarray(theirs)
+        self.assertEqual(ours.shape, theirs.shape)
+        np.testing.assert_allclose(ours, theirs, rtol=1e-5, atol=atol)
+
+    def assertRoundTrip(self, layout, tf_values):
+        back = convert_to_tf(layout, convert_to_torch(layout, tf_values))
+        self.assertEqual(set(back), set(tf_values))
+        for leaf, value in tf_values.items():
+            self.assertEqual(back[leaf].dtype, value.dtype)
+            self.assertTrue(np.array_equal(back[leaf].view(torch.int32).numpy(),
+                                           value.view(torch.int32).numpy()), leaf)
+
+
+class DenseTest(LayoutTestCase):
+    def test_keras_dense(self):
+        rng = np.random.default_rng(0)
+        layer = keras.layers.Dense(5)
+        x = rng.standard_normal((4, 3)).astype(np.float32)
+        layer(x)
+        layer.bias.assign(rng.standard_normal(5).astype(np.float32))   # Keras starts it at 0
+        expected = layer(x)
+        tf_values = {"kernel": torch_of(layer.kernel), "bias": torch_of(layer.bias)}
+        linear = nn.Linear(3, 5)
+        load(linear, convert_to_torch(layouts.dense(), tf_values))
+        self.assertClose(linear(torch.from_numpy(x)), expected)
+        self.assertRoundTrip(layouts.dense(), tf_values)
+
+    def test_tf1_linear_names_and_no_bias(self):
+        layout = layouts.dense(kernel="Matrix", bias="Bias")
+        self.assertEqual([p.tf for p in layout], ["Matrix", "Bias"])
+        layer = keras.layers.Dense(2, use_bias=False)
+        x = np.ones((1, 4), np.float32)
+        layer(x)
+        linear = nn.Linear(4, 2, bias=False)
+        load(linear, convert_to_torch(layout, {"Matrix": torch_of(layer.kernel)}))
+        self.assertClose(linear(torch.from_numpy(x)), layer(x))
+
+
+class ConvTest(LayoutTestCase):
+    def test_conv1d(self):
+        rng = np.random.default_rng(1)
+        layer = keras.layers.Conv1D(6, 3)
+        x = rng.standard_normal((2, 9, 4)).astype(np.float32)   # NWC
+        layer(x)
+        layer.bias.assign(rng.standard_normal(6).astype(np.float32))
+        expected = layer(x)
+        tf_values = {"kernel": torch_of(layer.kernel), "bias": torch_of(layer.bias)}
+        conv = nn.Conv1d(4, 6, 3)
+        load(conv, convert_to_torch(layouts.conv(), tf_values))
+        ours = conv(torch.from_numpy(x).permute(0, 2, 1)).permute(0, 2, 1)
+        self.assertClose(ours, expected)
+        self.assertRoundTrip(layouts.conv(), tf_values)
+
+    def test_conv2d_hwio_to_oihw(self):
+        layer = keras.layers.Conv2D(5, (2, 3))
+        x = np.random.default_rng(2).standard_normal((2, 6, 7, 3)).astype(np.float32)  # NHWC
+        expected = layer(x)
+        tf_values = {"kernel": torch_of(layer.kernel), "bias": torch_of(layer.bias)}
+        conv = nn.Conv2d(3, 5, (2, 3))
+        load(conv, convert_to_torch(layouts.conv(), tf_values))
+        self.assertEqual(tuple(conv.weight.shape), (5, 3, 2, 3))
+        self.assertClose(conv(torch.from_numpy(x).permute(0, 3, 1, 2)).permute(0, 2, 3, 1),
+                         expected)
+        self.assertRoundTrip(layouts.conv(), tf_values)
+
+    def test_bidaf_char_cnn_filter(self):
+        """BiDAF's conv1d: tf.nn.conv2d with a [1, width, in, out] filter, as nn.Conv2d."""
+        rng = np.random.default_rng(3)
+        x = rng.standard_normal((2, 3, 8, 4)).astype(np.float32)      # [N, words, chars, dc]
+        kernel = rng.standard_normal((1, 5, 4, 6)).astype(np.float32)
+        expected = tf.nn.conv2d(x, kernel, strides=[1, 1, 1, 1], padding="VALID")
+        conv = nn.Conv2d(4, 6, (1, 5), bias=False)
+        load(conv, convert_to_torch(layouts.conv(kernel="filter"),
+                                    {"filter": torch.from_numpy(kernel)}))
+        self.assertClose(conv(torch.from_numpy(x).permute(0, 3, 1, 2)).permute(0, 2, 3, 1),
+                         expected)
+
+
+class EmbeddingTest(LayoutTestCase):
+    def test_embedding_lookup(self):
+        table = np.random.default_rng(4).standard_normal((7, 3)).astype(np.float32)
+        ids = np.array([[0, 6, 2], [3, 3, 1]])
+        embedding = nn.Embedding(7, 3)
+        load(embedding, convert_to_torch(layouts.embedding(), {"": torch.from_numpy(table)}))
+        self.assertTrue(np.array_equal(embedding(torch.from_numpy(ids)).detach().numpy(),
+                                       tf.nn.embedding_lookup(table, ids).numpy()))
+        self.assertRoundTrip(layouts.embedding(), {"": torch.from_numpy(table)})
+
+
+def tf_sequence(cell, x):
+    """Run a TF1 cell over [batch, time, in] step by step, as dynamic_rnn does."""
+    state = cell.get_initial_state(batch_size=x.shape[0], dtype=tf.float32)
+    outputs = []
+    for t in range(x.shape[1]):
+        output, state = cell(x[:, t], state)
+        outputs.append(output)
+    return tf.stack(outputs, axis=1)
+
+
+class TF1LSTMTest(LayoutTestCase):
+    def check_cell(self, cell_class, forget_bias):
+        from tf_keras.src.layers.rnn import legacy_cells    # tf.compat.v1.nn.rnn_cell
+        rng = np.random.default_rng(5)
+        x = rng.standard_normal((2, 6, 3)).astype(np.float32)
+        cell = getattr(legacy_cells, cell_class)(4, forget_bias=forget_bias)
+        tf_sequence(cell, x[:, :1])                                     # builds the weights
+        kernel, bias = sorted(cell.weights, key=lambda w: w.name, reverse=True)
+        self.assertEqual([w.name.split("/")[-1] for w in (kernel, bias)], ["kernel:0", "bias:0"])
+        bias.assign(rng.standard_normal(16).astype(np.float32))        # TF starts it at 0
+        self.assertEqual(tuple(kernel.shape), (3 + 4, 16))
+        expected = tf_sequence(cell, x)
+        layout = layouts.tf1_lstm(forget_bias=forget_bias)
+        tf_values = {"kernel": torch_of(kernel), "bias": torch_of(bias)}
+        lstm = nn.LSTM(3, 4, batch_first=True)
+        load(lstm, convert_to_torch(layout, tf_values))
+        self.assertClose(lstm(torch.from_numpy(x))[0], expected)
+        self.assertRoundTrip(layout, tf_values)
+        # nn.LSTMCell: the same weights without the _l0 suffix
+        cell_layout = layouts.tf1_lstm(forget_bias=forget_bias, torch_suffix="")
+        torch_cell = nn.LSTMCell(3, 4)
+        load(torch_cell, convert_to_torch(cell_layout, tf_values))
+        h = c = torch.zeros(2, 4)
+        for t in range(x.shape[1]):
+            h, c = torch_cell(torch.from_numpy(x[:, t]), (h, c))
+        self.assertClose(h, expected[:, -1])
+
+    def test_basic_lstm_cell(self):
+        self.check_cell("BasicLSTMCell", forget_bias=1.0)
+
+    def test_lstm_cell_other_forget_bias(self):
+        self.check_cell("LSTMCell", forget_bias=0.5)
+
+    def test_leaf_names_and_reverse_direction(self):
+        layout = layouts.tf1_lstm(kernel="Linear/Matrix", bias="Linear/Bias",
+                                  torch_suffix="_l0_reverse")
+        self.assertEqual([(p.tf, p.torch) for p in layout],
+                         [("Linear/Matrix", ("weight_ih_l0_reverse", "weight_hh_l0_reverse")),
+                          ("Linear/Bias", ("bias_ih_l0_reverse", "bias_hh_l0_reverse"))])
+
+    def test_negative_zero_bias_survives_the_round_trip(self):
+        bias = torch.tensor([-0.0, 1.0, -2.0, 0.0, 3.0, -0.0, 4.0, 5.0])
+        self.assertRoundTrip(layouts.tf1_lstm(), {"kernel": torch.ones(4, 8), "bias": bias})
+        self.assertRoundTrip(layouts.keras_lstm(), {"kernel": torch.ones(3, 8),
+                                                    "recurrent_kernel": torch.ones(2, 8),
+                                                    "bias": bias})
+
+    def test_bad_shapes_are_named(self):
+        kernel_part, bias_part = layouts.tf1_lstm()
+        with self.assertRaisesRegex(ValueError, r"not a multiple of 4 \(shape \(7, 10\)\)"):
+            kernel_part.to_torch(torch.zeros(7, 10))
+        with self.assertRaisesRegex(ValueError, "no input rows"):
+            kernel_part.to_torch(torch.zeros(4, 16))
+        with self.assertRaisesRegex(ValueError, r"LSTM bias \[4h\], got shape \(2, 8\)"):
+            bias_part.to_torch(torch.zeros(2, 8))
+
+
+class KerasLSTMTest(LayoutTestCase):
+    def test_keras_lstm(self):
+        rng = np.random.default_rng(6)
+        x = rng.standard_normal((2, 5, 3)).astype(np.float32)
+        layer = keras.layers.LSTM(4, return_sequences=True)
+        layer(x)
+        layer.cell.bias.assign(rng.standard_normal(16).astype(np.float32))
+        expected = layer(x)
+        tf_values = {"kernel": torch_of(layer.cell.kernel),
+                     "recurrent_kernel": torch_of(layer.cell.recurrent_kernel),
+                     "bias": torch_of(layer.cell.bias)}
+        lstm = nn.LSTM(3, 4, batch_first=True)
+        load(lstm, convert_to_torch(layouts.keras_lstm(), tf_values))
+        self.assertClose(lstm(torch.from_numpy(x))[0], expected)
+        self.assertRoundTrip(layouts.keras_lstm(), tf_values)
+
+
+class MakeTest(unittest.TestCase):
+    def test_options_are_checked(self):
+        self.assertEqual(layouts.make("conv", kernel="filter")[0].tf, "filter")
+        with self.assertRaisesRegex(ValueError, "unknown layout 'lstm'; built-in layouts: dense"):
+            layouts.make("lstm")
+        with self.assertRaisesRegex(ValueError, "takes the options .* not 'kernal'"):
+            layouts.make("dense", kernal="Matrix")
+        with self.assertRaisesRegex(ValueError, "option 'forget_bias' must be a float"):
+            layouts.make("tf1_lstm", forget_bias="1")
+
+
+if __name__ == "__main__":
+    unittest.main()
