@@ -1,0 +1,538 @@
+"""Rules between PyTorch parameter names and TF variable names, and the loads they drive.
+
+A :class:`NameMap` is an ordered list of :class:`Rule`. A rule pairs a PyTorch module
+path with a TF scope, written as patterns with named placeholders, and names the
+:mod:`~tfcompat_ema.layouts` layout of the weights below them::
+
+    Rule("highway.layers.{i}.trans", "highway/layer_{i}/trans", "dense",
+         kernel="Matrix", bias="Bias")
+
+maps ``highway.layers.0.trans.weight`` [out, in] to ``highway/layer_0/trans/Matrix``
+[in, out] and back. Placeholders: ``{name}`` is one name segment; ``{name*}`` one or more
+(``a.b`` in PyTorch is ``a/b`` in TF); ``{name:REGEX}`` a segment matching REGEX. Outside
+placeholders a pattern is literal text. The first rule that matches a name wins.
+
+Loading is strict by default: every TF variable must be used (or ignored with
+``ignore_tf``), every PyTorch entry must be found (or ignored with ``ignore_torch``), and
+every shape and dtype must agree; all problems are reported together in one
+:class:`MappingError`, raised before anything is changed.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple
+
+import torch
+from torch import nn
+
+from . import layouts
+from .ema import NUM_UPDATES_KEY, ExponentialMovingAverage
+
+Tensor = torch.Tensor
+DEFAULT_EMA_NAME = "ExponentialMovingAverage"
+_DEBIAS_LEAVES = ("biased", "local_step")
+_PLACEHOLDER = re.compile(r"\{(\w+)(\*|:[^{}]*)?\}")
+
+
+class MappingError(ValueError):
+    """A checkpoint and a model do not fit the rules; ``report`` says everywhere they don't."""
+
+    def __init__(self, report: "Report"):
+        super().__init__(str(report))
+        self.report = report
+
+
+@dataclass
+class Report:
+    """What a mapping did, and every problem it found (``ok`` when there are none)."""
+    mapped: Dict[str, str] = field(default_factory=dict)     # PyTorch name -> TF source
+    unused: List[str] = field(default_factory=list)          # TF variables nothing used
+    missing: List[str] = field(default_factory=list)         # PyTorch entries nothing gave
+    mismatches: List[str] = field(default_factory=list)      # shapes, dtypes, conversions
+    raw_fallbacks: List[str] = field(default_factory=list)   # averaged load, no average saved
+    skipped: List[str] = field(default_factory=list)         # EMA state not asked for
+
+    @property
+    def ok(self) -> bool:
+        return not (self.unused or self.missing or self.mismatches)
+
+    def __str__(self) -> str:
+        lines = [f"{len(self.mapped)} PyTorch entries mapped"
+                 + ("" if self.ok else "; the checkpoint and the model do not fit the rules")]
+        for title, items in (("TF variables not used", self.unused),
+                             ("PyTorch entries not found", self.missing),
+                             ("shape/dtype mismatches", self.mismatches),
+                             ("no average saved, raw value used", self.raw_fallbacks),
+                             ("EMA state left out", self.skipped)):
+            if items:
+                lines.append(f"{title} ({len(items)}):")
+                lines.extend(f"  {item}" for item in items)
+        return "\n".join(lines)
+
+
+class _Pattern:
+    """One side of a rule: a regex to match names, a template to write them."""
+
+    def __init__(self, text: str, separator: str):
+        if not isinstance(text, str):
+            raise ValueError(f"a rule pattern must be a string, got {text!r}")
+        self.text, self.separator = text, separator
+        self.names, self.multi = set(), set()
+        regex, literals, position = [], [], 0
+        for match in _PLACEHOLDER.finditer(text):
+            literals.append(text[position:match.start()])
+            name, kind = match.group(1), match.group(2) or ""
+            segment = r"[^./]+"
+            if kind == "*":
+                self.multi.add(name)
+                body = f"{segment}(?:{re.escape(separator)}{segment})*"
+            else:
+                body = kind[1:] if kind else segment
+            if name in self.names:
+                raise ValueError(f"pattern {text!r}: placeholder {{{name}}} appears twice")
+            self.names.add(name)
+            regex += [re.escape(literals[-1]), f"(?P<{name}>{body})"]
+            position = match.end()
+        literals.append(text[position:])
+        regex.append(re.escape(literals[-1]))
+        if any("{" in literal or "}" in literal for literal in literals):
+            raise ValueError(f"pattern {text!r}: braces must be placeholders like {{name}}")
+        self.regex = "".join(regex)
+        try:
+            re.compile(self.regex)
+        except re.error as error:
+            raise ValueError(f"pattern {text!r}: bad regex ({error})") from None
+
+    def with_leaf(self, leaf: str) -> "re.Pattern":
+        return re.compile(self.regex + (re.escape(self.separator + leaf) if leaf else ""))
+
+    def format(self, values: Mapping[str, str], source: "_Pattern") -> str:
+        def value(match):
+            text = values[match.group(1)]
+            if match.group(1) in self.multi:
+                return text.replace(source.separator, self.separator)
+            return text
+        return _PLACEHOLDER.sub(value, self.text)
+
+
+class Rule:
+    """PyTorch module path <-> TF scope, with the layout of the weights below them.
+
+    Args:
+        torch: the PyTorch pattern (dots between names), e.g. ``"main.g{k}"``.
+        tf: the TF pattern (slashes between names), e.g. ``"main/g{k}/FW/BasicLSTMCell"``.
+        layout: a built-in layout name (see :mod:`tfcompat_ema.layouts`).
+        **options: the layout's options, e.g. ``kernel="Linear/Matrix"``.
+
+    Example:
+        >>> from tfcompat_ema import Rule
+        >>> rule = Rule("emb.char", "emb/emb_var/char_emb_mat", "embedding")
+        >>> rule.tf_names("emb.char.weight")
+        ['emb/emb_var/char_emb_mat']
+    """
+
+    def __init__(self, torch: str, tf: str, layout: str = "tensor", **options):
+        self.torch_pattern = _Pattern(torch, ".")
+        self.tf_pattern = _Pattern(tf, "/")
+        if self.torch_pattern.names != self.tf_pattern.names:
+            raise ValueError(f"rule {torch!r} -> {tf!r}: both sides need the same placeholders, "
+                             f"got {sorted(self.torch_pattern.names)} and "
+                             f"{sorted(self.tf_pattern.names)}")
+        self.layout_name = layout
+        self.options = dict(options)
+        self.layout = layouts.make(layout, **options)
+        self._tf = [self.tf_pattern.with_leaf(part.tf) for part in self.layout]
+        self._torch = [self.torch_pattern.with_leaf(part.torch[0]) for part in self.layout]
+
+    def __repr__(self) -> str:
+        options = "".join(f", {k}={v!r}" for k, v in self.options.items())
+        return (f"Rule({self.torch_pattern.text!r}, {self.tf_pattern.text!r}, "
+                f"{self.layout_name!r}{options})")
+
+    def match_tf(self, tf_name: str) -> Optional[Tuple[layouts.Part, List[str]]]:
+        """The layout part ``tf_name`` is, and the PyTorch names it becomes; None if no match."""
+        for part, regex in zip(self.layout, self._tf):
+            match = regex.fullmatch(tf_name)
+            if match:
+                prefix = self.torch_pattern.format(match.groupdict(), self.tf_pattern)
+                return part, [_join(prefix, leaf, ".") for leaf in part.torch]
+        return None
+
+    def match_torch(self, torch_name: str) -> Optional[Tuple[layouts.Part, List[str], str]]:
+        """The part whose first PyTorch leaf is ``torch_name``: (part, its names, TF name)."""
+        for part, regex in zip(self.layout, self._torch):
+            match = regex.fullmatch(torch_name)
+            if match:
+                prefix = self.torch_pattern.format(match.groupdict(), self.tf_pattern)
+                scope = self.tf_pattern.format(match.groupdict(), self.torch_pattern)
+                return part, [_join(prefix, leaf, ".") for leaf in part.torch], \
+                    _join(scope, part.tf, "/")
+        return None
+
+    def tf_names(self, torch_name: str) -> List[str]:
+        """The TF variables that ``torch_name`` goes into (empty if the rule misses it)."""
+        names = []
+        for part in self.layout:
+            for leaf in part.torch:
+                match = self.torch_pattern.with_leaf(leaf).fullmatch(torch_name)
+                if match:
+                    scope = self.tf_pattern.format(match.groupdict(), self.torch_pattern)
+                    names.append(_join(scope, part.tf, "/"))
+        return names
+
+
+def _join(prefix: str, leaf: str, separator: str) -> str:
+    return f"{prefix}{separator}{leaf}" if leaf and prefix else (leaf or prefix)
+
+
+def _ema_state_key(key: str, ema_name: str) -> Optional[Tuple[str, str, str]]:
+    """``(base, ema, leaf)`` if ``key`` is EMA state, ``base/ema`` or ``base/ema/leaf`` with
+    leaf ``biased`` or ``local_step``; ``ema`` is ``ema_name`` or a variant of it
+    (``ExponentialMovingAverage_1``, made by a second EMA over the same variables)."""
+    parts = key.split("/")
+    leaf = parts.pop() if len(parts) >= 3 and parts[-1] in _DEBIAS_LEAVES else ""
+    if len(parts) < 2:
+        return None
+    stem = re.sub(r"_\d+$", "", ema_name)
+    if parts[-1] != ema_name and not re.fullmatch(re.escape(stem) + r"(_\d+)?", parts[-1]):
+        return None
+    return "/".join(parts[:-1]), parts[-1], leaf
+
+
+class NameMap:
+    """An ordered rule set between a PyTorch model and a TF checkpoint's variable names.
+
+    Args:
+        rules: :class:`Rule` objects, tried in order.
+        ignore_tf: regexes of TF names to leave out (``global_step``, optimizer slots, ...).
+        ignore_torch: regexes of PyTorch names to leave out (buffers TF has no variable for).
+        ema_name: the TF EMA's name, the last part of its averages' names
+            (``dense/kernel/ExponentialMovingAverage``); another EMA over the same
+            variables got ``ExponentialMovingAverage_1``.
+
+    Example (TF variables as a dict; :func:`tfcompat_ema.read_checkpoint` gives one):
+        >>> import torch
+        >>> from tfcompat_ema import NameMap, Rule
+        >>> model = torch.nn.Sequential(torch.nn.Linear(3, 2))
+        >>> names = NameMap([Rule("{i}", "dense_{i}", "dense")])
+        >>> tf_vars = {"dense_0/kernel": torch.ones(3, 2), "dense_0/bias": torch.zeros(2),
+        ...            "dense_0/kernel/ExponentialMovingAverage": torch.full((3, 2), 0.5),
+        ...            "dense_0/bias/ExponentialMovingAverage": torch.zeros(2)}
+        >>> report = names.load(tf_vars, model)      # the averages, as TF's variables_to_restore
+        >>> model[0].weight[0, 0].item()
+        0.5
+    """
+
+    def __init__(self, rules: Sequence[Rule], ignore_tf: Sequence[str] = (),
+                 ignore_torch: Sequence[str] = (), ema_name: str = DEFAULT_EMA_NAME):
+        self.rules = list(rules)
+        for rule in self.rules:
+            if not isinstance(rule, Rule):
+                raise TypeError(f"rules must be Rule objects, got {type(rule).__name__}")
+        self.ignore_tf = [_compile(p, "ignore_tf") for p in ignore_tf]
+        self.ignore_torch = [_compile(p, "ignore_torch") for p in ignore_torch]
+        if not isinstance(ema_name, str) or not ema_name or "/" in ema_name:
+            raise ValueError(f"ema_name must be a name without '/', got {ema_name!r}")
+        self.ema_name = ema_name
+
+    @classmethod
+    def from_dict(cls, spec: Mapping) -> "NameMap":
+        """A rule set from plain data, as in a TOML rules file::
+
+            ema_name = "ExponentialMovingAverage"
+            ignore_tf = ["global_step"]
+
+            [[rule]]
+            torch = "highway.layers.{i}.trans"
+            tf = "highway/layer_{i}/trans"
+            layout = "dense"
+            kernel = "Matrix"
+            bias = "Bias"
+        """
+        spec = dict(spec)
+        rules = spec.pop("rule", [])
+        known = {"ema_name", "ignore_tf", "ignore_torch"}
+        if set(spec) - known:
+            raise ValueError(f"unknown rule-set keys {sorted(set(spec) - known)}; "
+                             f"expected [[rule]] tables and {sorted(known)}")
+        built = []
+        for index, entry in enumerate(rules, 1):
+            entry = dict(entry)
+            try:
+                torch_pattern, tf_pattern = entry.pop("torch"), entry.pop("tf")
+            except KeyError as key:
+                raise ValueError(f"rule {index} has no {key} pattern") from None
+            try:
+                built.append(Rule(torch_pattern, tf_pattern, entry.pop("layout", "tensor"),
+                                  **entry))
+            except ValueError as error:
+                raise ValueError(f"rule {index}: {error}") from None
+        return cls(built, **spec)
+
+    @classmethod
+    def from_file(cls, path) -> "NameMap":
+        """A rule set from a TOML file (see :meth:`from_dict`)."""
+        try:
+            import tomllib
+        except ImportError:                      # Python < 3.11
+            import tomli as tomllib
+        with open(path, "rb") as file:
+            try:
+                spec = tomllib.load(file)
+            except tomllib.TOMLDecodeError as error:
+                raise ValueError(f"{path}: not a valid TOML rules file ({error})") from None
+        try:
+            return cls.from_dict(spec)
+        except (ValueError, TypeError) as error:
+            raise ValueError(f"{path}: {error}") from None
+
+    # ------------------------------------------------------------------ TF -> PyTorch
+    def to_torch(self, tf_vars: Mapping[str, Tensor], averaged: bool = True,
+                 expected: Optional[Mapping[str, Tensor]] = None,
+                 strict: bool = True) -> Tuple[Dict[str, Tensor], Report]:
+        """TF variables as a PyTorch state dict: the averages (``averaged``) or raw values.
+
+        With ``expected`` (e.g. ``model.state_dict()``), entries are checked against it
+        and those it has that nothing gives are reported missing. Strict: any problem
+        raises :class:`MappingError`; otherwise the report lists them.
+        """
+        report = Report()
+        state: Dict[str, Tensor] = {}
+        failed = set()                       # PyTorch names already reported as mismatches
+        for key in sorted(tf_vars):
+            if self._ignored_tf(key):
+                continue
+            found = _ema_state_key(key, self.ema_name)
+            if found is None:
+                self._convert_variable(key, tf_vars, averaged, expected, state, report, failed)
+            elif found[1] != self.ema_name or found[0] not in tf_vars:
+                report.skipped.append(key)          # another EMA's, or a fed tensor's
+        if expected is not None:
+            report.missing.extend(name for name in expected if name not in state
+                                  and name not in failed and not self._ignored_torch(name))
+        if strict and not report.ok:
+            raise MappingError(report)
+        return state, report
+
+    def _convert_variable(self, key, tf_vars, averaged, expected, state, report, failed):
+        for index, rule in enumerate(self.rules, 1):
+            matched = rule.match_tf(key)
+            if matched:
+                break
+        else:
+            report.unused.append(f"{key} {_describe(tf_vars[key])}: no rule matches it")
+            return
+        part, names = matched
+        source = key
+        if averaged:
+            average = f"{key}/{self.ema_name}"
+            if average in tf_vars:
+                source = average
+            else:
+                report.raw_fallbacks.append(key)
+        where = f"(rule {index} {rule!r})"
+        try:
+            values = part.to_torch(tf_vars[source])
+        except ValueError as error:
+            report.mismatches.append(f"{source} {_describe(tf_vars[source])}: {error} {where}")
+            failed.update(names)
+            return
+        for name, value in zip(names, values):
+            if name in state:
+                report.mismatches.append(f"{name} comes from both {report.mapped[name]} and "
+                                         f"{source} {where}")
+                continue
+            if expected is not None and not self._ignored_torch(name):
+                if name not in expected:
+                    report.unused.append(f"{source} -> {name}: the model has no {name!r} "
+                                         f"{where}")
+                    continue
+                if value.shape != expected[name].shape or value.dtype != expected[name].dtype:
+                    report.mismatches.append(
+                        f"{name}: PyTorch has {_describe(expected[name])}, but TF {source} "
+                        f"{_describe(tf_vars[source])} gives {_describe(value)} {where}")
+                    failed.add(name)
+                    continue
+            state[name] = value
+            report.mapped[name] = source
+
+    # ------------------------------------------------------------------ PyTorch -> TF
+    def to_tf(self, torch_state: Mapping[str, Tensor],
+              strict: bool = True) -> Tuple[Dict[str, Tensor], Report]:
+        """A PyTorch state dict as TF variables (raw names; averages: see :meth:`export`)."""
+        report = Report()
+        tf_vars: Dict[str, Tensor] = {}
+        claimed = set()
+        for key in torch_state:
+            if key in claimed or self._ignored_torch(key):
+                continue
+            for index, rule in enumerate(self.rules, 1):
+                matched = rule.match_torch(key)
+                if matched:
+                    break
+            else:
+                continue        # not a part's first entry: checked below
+            part, names, tf_name = matched
+            where = f"(rule {index} {rule!r})"
+            absent = [name for name in names if name not in torch_state]
+            claimed.update(names)
+            if absent:
+                report.missing.append(f"{', '.join(absent)}: needed with {key} for {tf_name} "
+                                      f"{where}")
+                continue
+            try:
+                value = part.to_tf(*(torch_state[name].detach() for name in names))
+            except (ValueError, RuntimeError) as error:
+                shapes = ", ".join(f"{n} {_describe(torch_state[n])}" for n in names)
+                report.mismatches.append(f"{tf_name} from {shapes}: {error} {where}")
+                continue
+            if tf_name in tf_vars:
+                report.mismatches.append(f"{tf_name} comes from two PyTorch entries {where}")
+                continue
+            tf_vars[tf_name] = value
+            for name in names:
+                report.mapped[name] = tf_name
+        for key in torch_state:
+            if key not in claimed and not self._ignored_torch(key):
+                report.missing.append(self._unclaimed(key, torch_state[key]))
+        if strict and not report.ok:
+            raise MappingError(report)
+        return tf_vars, report
+
+    def _unclaimed(self, key: str, value: Tensor) -> str:
+        for rule in self.rules:
+            names = rule.tf_names(key)
+            if names:
+                return (f"{key} {_describe(value)}: goes into {names[0]} with entries the "
+                        f"model lacks ({rule!r})")
+        return f"{key} {_describe(value)}: no rule matches it"
+
+    # ------------------------------------------------------------------ models and EMAs
+    def load(self, tf_vars: Mapping[str, Tensor], model: nn.Module,
+             ema: Optional[ExponentialMovingAverage] = None,
+             tensor_ema: Optional[ExponentialMovingAverage] = None,
+             strict: bool = True) -> Report:
+        """Load a TF checkpoint's variables into ``model`` (and EMAs); all or nothing.
+
+        Without ``ema``: the model gets the averaged weights, as TF's
+        ``Saver(ema.variables_to_restore())`` gives a TF model (evaluation).
+        With ``ema``: the model gets the raw weights and ``ema`` the averages of its
+        variables (the model's parameters that require grad, or those it already tracks),
+        to resume training. ``tensor_ema`` gets the averages of TF's non-variable tensors
+        (e.g. a loss), with their zero-debias state, under their TF names.
+
+        Every check runs first; a failing load changes no parameter and no average.
+        """
+        expected = model.state_dict()
+        weights, report = self.to_torch(tf_vars, averaged=ema is None, expected=expected,
+                                        strict=strict)
+        loads = []
+        if ema is not None:
+            averages, averaged_report = self.to_torch(tf_vars, averaged=True,
+                                                      expected=expected, strict=strict)
+            report.raw_fallbacks = averaged_report.raw_fallbacks
+            names = [n for n, s in ema._slots.items() if s.var is not None] or \
+                [n for n, p in model.named_parameters() if p.requires_grad]
+            loads.append((ema, {ema.average_name(n): averages[n] for n in names
+                                if n in averages}))
+        if tensor_ema is not None:
+            fed = self._fed_averages(tf_vars, tensor_ema.name)
+            report.skipped = [k for k in report.skipped if not k.startswith(tuple(fed))]
+            if loads and loads[0][0] is tensor_ema:
+                loads[0][1].update(fed)
+            else:
+                loads.append((tensor_ema, fed))
+        _load_all(loads)
+        with torch.no_grad():
+            for name, value in weights.items():
+                expected[name].copy_(value)
+        return report
+
+    def _fed_averages(self, tf_vars: Mapping[str, Tensor], torch_ema_name: str):
+        """TF's averages of non-variable tensors, keyed as our EMA named ``torch_ema_name``."""
+        fed = {}
+        for key, value in tf_vars.items():
+            found = _ema_state_key(key, self.ema_name)
+            if found and found[1] == self.ema_name and found[0] not in tf_vars \
+                    and not self._ignored_tf(key):
+                base, _, leaf = found
+                fed[_join(f"{base}/{torch_ema_name}", leaf, "/")] = value
+        return fed
+
+    def export(self, model: nn.Module, ema: Optional[ExponentialMovingAverage] = None,
+               tensor_ema: Optional[ExponentialMovingAverage] = None,
+               strict: bool = True) -> Dict[str, Tensor]:
+        """The model's weights (and EMAs' averages) as TF variables, for a TF1 checkpoint.
+
+        Raw weights under their TF names; with ``ema``, the average of each variable under
+        ``<TF name>/<ema_name>`` (a TF variable made of several PyTorch entries, like an LSTM
+        kernel, takes the averages of those the EMA tracks and the raw value of the others);
+        with ``tensor_ema``, its averages of fed tensors and their debias state. Write it
+        with :func:`tfcompat_ema.write_checkpoint`; TF's ``Saver(ema.variables_to_restore())``
+        then restores the averages into a TF model.
+        """
+        state = model.state_dict()
+        tf_vars, report = self.to_tf(state, strict=strict)
+        if ema is not None:
+            averages = _averages(ema, state)
+            averaged_tf, _ = self.to_tf({**state, **averages}, strict=False)
+            with_average = {report.mapped[n] for n in averages if n in report.mapped}
+            for tf_name, value in averaged_tf.items():
+                if tf_name in with_average:
+                    tf_vars[f"{tf_name}/{self.ema_name}"] = value
+        if tensor_ema is not None:
+            variables = {tensor_ema.average_name(name) for name in state}
+            for key, value in tensor_ema.state_dict().items():
+                average, leaf = key, ""
+                if key.rsplit("/", 1)[-1] in _DEBIAS_LEAVES:
+                    average, leaf = key.rsplit("/", 1)
+                if key == NUM_UPDATES_KEY or average in variables:
+                    continue
+                base = average[:-len(tensor_ema.name) - 1]
+                tf_vars[_join(f"{base}/{self.ema_name}", leaf, "/")] = value.detach().clone()
+        return tf_vars
+
+    def _ignored_tf(self, name: str) -> bool:
+        return any(p.fullmatch(name) for p in self.ignore_tf)
+
+    def _ignored_torch(self, name: str) -> bool:
+        return any(p.fullmatch(name) for p in self.ignore_torch)
+
+
+def _averages(ema: ExponentialMovingAverage, names) -> Dict[str, Tensor]:
+    """The averages ``ema`` keeps of these names (also those loaded, waiting for ``apply``)."""
+    averages = {}
+    for name in names:
+        try:
+            averages[name] = ema.average(name).detach()
+        except KeyError:
+            continue
+    return averages
+
+
+def _load_all(loads) -> None:
+    """``load_state_dict`` on each EMA, all or none: a later failure puts back the earlier."""
+    done = []
+    try:
+        for ema, state in loads:
+            before = {key: value.clone() for key, value in ema.state_dict().items()}
+            if ema.num_updates is not None:         # keeps counting from where it is
+                state = {**state, NUM_UPDATES_KEY: torch.tensor(ema.num_updates)}
+            ema.load_state_dict(state)
+            done.append((ema, before))
+    except Exception:
+        for ema, before in reversed(done):
+            ema.load_state_dict(before)
+        raise
+
+
+def _compile(pattern: str, what: str) -> "re.Pattern":
+    try:
+        return re.compile(pattern)
+    except (re.error, TypeError) as error:
+        raise ValueError(f"{what}: bad regex {pattern!r} ({error})") from None
+
+
+def _describe(tensor: Tensor) -> str:
+    return f"{list(tensor.shape)} {str(tensor.dtype).replace('torch.', '')}"
