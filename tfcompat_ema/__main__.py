@@ -1,0 +1,6 @@
+"""``python -m tfcompat_ema``: the ``tfcompat-ema`` command."""
+import sys
+
+from .cli import main
+
+sys.exit(main())
