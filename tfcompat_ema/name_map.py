@@ -9,7 +9,7 @@ path with a TF scope, written as patterns with named placeholders, and names the
 
 maps ``highway.layers.0.trans.weight`` [out, in] to ``highway/layer_0/trans/Matrix``
 [in, out] and back. Placeholders: ``{name}`` is one name segment; ``{name*}`` one or more
-(``a.b`` in PyTorch is ``a/b`` in TF); ``{name:REGEX}`` a segment matching REGEX. Outside
+(``a.b`` in PyTorch is ``a/b`` in TF); ``{name:REGEX}`` text matching REGEX (on both sides, given on either). Outside
 placeholders a pattern is literal text. The first rule that matches a name wins.
 
 Loading is strict by default: every TF variable must be used (or ignored with
@@ -74,11 +74,11 @@ class Report:
 class _Pattern:
     """One side of a rule: a regex to match names, a template to write them."""
 
-    def __init__(self, text: str, separator: str):
+    def __init__(self, text: str, separator: str, regexes: Mapping[str, str] = {}):
         if not isinstance(text, str):
             raise ValueError(f"a rule pattern must be a string, got {text!r}")
         self.text, self.separator = text, separator
-        self.names, self.multi = set(), set()
+        self.names, self.multi, self.regexes = set(), set(), {}
         regex, literals, position = [], [], 0
         for match in _PLACEHOLDER.finditer(text):
             literals.append(text[position:match.start()])
@@ -87,8 +87,10 @@ class _Pattern:
             if kind == "*":
                 self.multi.add(name)
                 body = f"{segment}(?:{re.escape(separator)}{segment})*"
+            elif kind:
+                body = self.regexes[name] = kind[1:]
             else:
-                body = kind[1:] if kind else segment
+                body = regexes.get(name, segment)
             if name in self.names:
                 raise ValueError(f"pattern {text!r}: placeholder {{{name}}} appears twice")
             self.names.add(name)
@@ -133,8 +135,10 @@ class Rule:
     """
 
     def __init__(self, torch: str, tf: str, layout: str = "tensor", **options):
-        self.torch_pattern = _Pattern(torch, ".")
-        self.tf_pattern = _Pattern(tf, "/")
+        # A placeholder's regex, given on either side, holds on both.
+        regexes = {**_Pattern(torch, ".").regexes, **_Pattern(tf, "/").regexes}
+        self.torch_pattern = _Pattern(torch, ".", regexes)
+        self.tf_pattern = _Pattern(tf, "/", regexes)
         if self.torch_pattern.names != self.tf_pattern.names:
             raise ValueError(f"rule {torch!r} -> {tf!r}: both sides need the same placeholders, "
                              f"got {sorted(self.torch_pattern.names)} and "
