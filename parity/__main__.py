@@ -8,7 +8,7 @@ import argparse
 import time
 from pathlib import Path
 
-from . import naming, report, run, scenarios as sc, tf_side
+from . import bidaf, naming, report, run, scenarios as sc, tf_side
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -49,12 +49,17 @@ def main(argv=None) -> int:
           f"({names['keys']} keys compared)")
     for problem in names["problems"]:
         print(f"  {problem}")
+    port = None
+    if not args.select or any(p in "bidaf" for p in args.select):
+        port = bidaf.run(bidaf.QUICK if args.quick else bidaf.Config(seed=args.seed))
+        print("\n".join(bidaf.describe(port)))
     seconds = time.perf_counter() - started
-    paths = report.write(args.out, outcomes, names, seconds, tf.__version__, torch.__version__)
+    paths = report.write(args.out, outcomes, names, seconds, tf.__version__, torch.__version__,
+                         port)
     print(report.summary(outcomes, names["match"]))
     print(f"{seconds:.1f} s; report: {', '.join(str(p) for p in paths)}")
     ours_exact = all(o.exact for o in outcomes if report.is_ours(o))
-    return 0 if ours_exact and names["match"] else 1
+    return 0 if ours_exact and names["match"] and (port is None or port.ok) else 1
 
 
 if __name__ == "__main__":

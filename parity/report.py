@@ -53,14 +53,17 @@ def summary(outcomes: List[Outcome], naming_ok: bool) -> str:
 
 
 def write(folder: Path, outcomes: List[Outcome], naming: dict, seconds: float,
-          tf_version: str, torch_version: str) -> List[Path]:
+          tf_version: str, torch_version: str, bidaf=None) -> List[Path]:
     """JSON, Markdown and a PNG plot under ``folder``; returns the paths written."""
     folder.mkdir(parents=True, exist_ok=True)
     meta = {"tensorflow": tf_version, "torch": torch_version, "python": platform.python_version(),
             "machine": platform.platform(), "seconds": round(seconds, 1)}
     rows = [{k: v for k, v in o.__dict__.items() if k != "ulp_by_step"} for o in outcomes]
     json_path = folder / "parity.json"
-    json_path.write_text(json.dumps({"meta": meta, "rows": rows, "naming": naming}, indent=1))
+    port = None if bidaf is None else {**{k: v for k, v in bidaf.__dict__.items()
+                                            if k != "config"}, "config": bidaf.config.__dict__}
+    json_path.write_text(json.dumps({"meta": meta, "rows": rows, "naming": naming,
+                                     "bidaf": port}, indent=1))
     md_path = folder / "parity.md"
     lines = [f"# Parity: tfcompat_ema against TensorFlow {tf_version}", "",
              f"torch {torch_version}, Python {meta['python']}, {meta['machine']}, "
@@ -72,6 +75,9 @@ def write(folder: Path, outcomes: List[Outcome], naming: dict, seconds: float,
               f"({naming['keys']} keys compared).", ""]
     for problem in naming["problems"]:
         lines.append(f"- {problem}")
+    if bidaf is not None:
+        from .bidaf import describe
+        lines += ["", "## Checkpoints: the BiDAF-style port", "", "```", *describe(bidaf), "```"]
     md_path.write_text("\n".join(lines) + "\n")
     paths = [json_path, md_path]
     png = _plot(folder / "parity.png", outcomes)

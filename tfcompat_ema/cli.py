@@ -39,6 +39,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     convert.add_argument("--non-strict", action="store_true",
                          help="write what maps and print the problems instead of failing")
     args = parser.parse_args(argv)
+    # TF's start-up messages on stderr (oneDNN's among them; it plays no part in reading
+    # or writing checkpoints) would bury the one line that matters.
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
     try:
         if args.command == "inspect":
             return _inspect(args)

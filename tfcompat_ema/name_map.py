@@ -107,6 +107,8 @@ class _Pattern:
             raise ValueError(f"pattern {text!r}: bad regex ({error})") from None
 
     def with_leaf(self, leaf: str) -> "re.Pattern":
+        if not self.text:                   # the module is the model itself: names are leaves
+            return re.compile(re.escape(leaf))
         return re.compile(self.regex + (re.escape(self.separator + leaf) if leaf else ""))
 
     def format(self, values: Mapping[str, str], source: "_Pattern") -> str:

@@ -52,9 +52,8 @@ def resolve_prefix(path) -> str:
     """The checkpoint prefix for ``path``: a prefix, its ``.index`` file, or a directory
     with a ``checkpoint`` state file (its latest checkpoint)."""
     path = os.fspath(path)
-    tf = _tf()
     if os.path.isdir(path):
-        latest = tf.train.latest_checkpoint(path)
+        latest = _tf().train.latest_checkpoint(path)
         if latest is None:
             raise CheckpointError(f"{path}: a directory without a TF checkpoint in it")
         return latest

@@ -1,0 +1,138 @@
+"""Reading TF1 and TF2 checkpoints that TF wrote, and writing ones that TF's Saver restores."""
+import os
+import tempfile
+import unittest
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from tfcompat_ema import (CheckpointError, ExponentialMovingAverage, NameMap, Rule,
+                          read_checkpoint, write_checkpoint)
+
+tf = None
+
+
+def setUpModule():
+    global tf
+    import tensorflow
+    tf = tensorflow
+
+
+def same_bits(a, b) -> bool:
+    a, b = np.asarray(a), np.asarray(b)
+    return a.dtype == b.dtype and a.shape == b.shape and a.tobytes() == b.tobytes()
+
+
+class CheckpointTestCase(unittest.TestCase):
+    def setUp(self):
+        self._directory = tempfile.TemporaryDirectory()
+        self.directory = Path(self._directory.name)
+
+    def tearDown(self):
+        self._directory.cleanup()
+
+
+class ReadTest(CheckpointTestCase):
+    def tf1_checkpoint(self):
+        """A TF1 graph with an EMA over a variable and a zero-debiased one over a tensor."""
+        with tf.Graph().as_default():
+            v1 = tf.compat.v1
+            kernel = v1.get_variable("dense/kernel", initializer=np.arange(6, dtype=np.float32)
+                                     .reshape(2, 3))
+            loss = tf.reduce_sum(kernel * 2, name="loss")
+            step = tf.group(v1.train.ExponentialMovingAverage(0.9).apply([kernel]),
+                            v1.train.ExponentialMovingAverage(0.5, zero_debias=True).apply([loss]))
+            with v1.Session() as sess:
+                sess.run(v1.global_variables_initializer())
+                sess.run(kernel.assign_add(tf.ones([2, 3])))
+                sess.run(step)
+                prefix = v1.train.Saver().save(sess, str(self.directory / "model.ckpt"),
+                                               global_step=3)
+                values = {v.op.name: sess.run(v) for v in v1.global_variables()}
+        return prefix, values
+
+    def test_tf1_saver_checkpoint(self):
+        prefix, values = self.tf1_checkpoint()
+        for path in (prefix, prefix + ".index", str(self.directory)):
+            ckpt = read_checkpoint(path)
+            self.assertEqual((ckpt.format, ckpt.prefix), ("TF1", prefix))
+            self.assertEqual(set(ckpt.tensors), set(values))
+            for name, value in values.items():
+                self.assertTrue(same_bits(ckpt.tensors[name].numpy(), value), name)
+        self.assertIn("loss/ExponentialMovingAverage/local_step", values)
+
+    def test_tf2_object_checkpoint(self):
+        model = tf.Module()
+        model.dense = tf.Module()
+        model.dense.kernel = tf.Variable(np.ones((2, 3), np.float32))
+        prefix = tf.train.Checkpoint(model=model, step=tf.Variable(4, dtype=tf.int64)).save(
+            str(self.directory / "ckpt"))
+        ckpt = read_checkpoint(prefix)
+        self.assertEqual(ckpt.format, "TF2")
+        self.assertEqual(set(ckpt.tensors), {"model/dense/kernel", "step"})
+        self.assertTrue(same_bits(ckpt.tensors["model/dense/kernel"].numpy(),
+                                  np.ones((2, 3), np.float32)))
+
+    def test_bad_paths_raise_checkpoint_error(self):
+        prefix, _ = self.tf1_checkpoint()
+        (self.directory / "notes.txt").write_text("not a checkpoint")
+        (self.directory / "junk.index").write_bytes(b"\x00garbage" * 20)
+        empty = self.directory / "empty"
+        empty.mkdir()
+        for path, message in ((self.directory / "nope", "no such checkpoint"),
+                              (self.directory / "notes.txt", "not a TF checkpoint"),
+                              (self.directory / "junk", "unreadable TF checkpoint"),
+                              (empty, "a directory without a TF checkpoint")):
+            with self.subTest(path=path.name), self.assertRaisesRegex(CheckpointError, message):
+                read_checkpoint(path)
+        data = next(self.directory.glob("model.ckpt-3.data-*"))
+        data.write_bytes(data.read_bytes()[:10])                          # truncated
+        with self.assertRaisesRegex(CheckpointError, "unreadable TF checkpoint"):
+            read_checkpoint(prefix)
+
+
+class WriteTest(CheckpointTestCase):
+    def test_every_dtype_round_trips(self):
+        tensors = {"f16": torch.randn(3).half(), "bf16": torch.randn(2, 2).bfloat16(),
+                   "f32": torch.tensor([-0.0, 1e-45, float("inf")]), "f64": torch.randn(4).double(),
+                   "step": torch.tensor(7), "scope/w": torch.randn(2, 3)}
+        write_checkpoint(self.directory / "out" / "model.ckpt", tensors)
+        ckpt = read_checkpoint(self.directory / "out")
+        for name, value in tensors.items():
+            self.assertEqual(ckpt.tensors[name].dtype, value.dtype)
+            self.assertTrue(torch.equal(ckpt.tensors[name].reshape(-1).view(torch.uint8),
+                                        value.reshape(-1).view(torch.uint8)), name)
+
+    def test_tf_saver_restores_averages_into_its_variables(self):
+        """TF's eval pattern: Saver(ema.variables_to_restore()) on what we wrote."""
+        model = torch.nn.Linear(3, 2)
+        ema = ExponentialMovingAverage(0.5)
+        ema.apply(model)
+        with torch.no_grad():
+            model.weight.add_(1.0)
+        ema.apply(model)
+        names = NameMap([Rule("", "dense", "dense")])
+        write_checkpoint(self.directory / "model.ckpt", names.export(model, ema=ema))
+        with tf.Graph().as_default():
+            v1 = tf.compat.v1
+            kernel = v1.get_variable("dense/kernel", [3, 2])
+            bias = v1.get_variable("dense/bias", [2])
+            restore = v1.train.ExponentialMovingAverage(0.5).variables_to_restore()
+            self.assertEqual(set(restore), {"dense/kernel/ExponentialMovingAverage",
+                                            "dense/bias/ExponentialMovingAverage"})
+            with v1.Session() as sess:
+                v1.train.Saver(restore).restore(sess, str(self.directory / "model.ckpt"))
+                got_kernel, got_bias = sess.run([kernel, bias])
+        self.assertTrue(same_bits(got_kernel, ema.average(model.weight).t().numpy()))
+        self.assertTrue(same_bits(got_bias, ema.average(model.bias).numpy()))
+        self.assertFalse(same_bits(got_kernel, model.weight.detach().t().numpy()))
+
+    def test_non_tensor_is_refused_before_writing(self):
+        with self.assertRaisesRegex(TypeError, "'w' is a list, not a tensor"):
+            write_checkpoint(self.directory / "model.ckpt", {"w": [1.0]})
+        self.assertEqual(os.listdir(self.directory), [])
+
+
+if __name__ == "__main__":
+    unittest.main()
