@@ -6,6 +6,7 @@ go through the layout into the PyTorch module, which must compute the same funct
 for bit.
 """
 import unittest
+import warnings
 
 import numpy as np
 import torch
@@ -155,7 +156,9 @@ class TF1LSTMTest(LayoutTestCase):
         from tf_keras.src.layers.rnn import legacy_cells    # tf.compat.v1.nn.rnn_cell
         rng = np.random.default_rng(5)
         x = rng.standard_normal((2, 6, 3)).astype(np.float32)
-        cell = getattr(legacy_cells, cell_class)(4, forget_bias=forget_bias)
+        with warnings.catch_warnings():            # "deprecated": it is the layer under test
+            warnings.simplefilter("ignore", UserWarning)
+            cell = getattr(legacy_cells, cell_class)(4, forget_bias=forget_bias)
         tf_sequence(cell, x[:, :1])                                     # builds the weights
         kernel, bias = sorted(cell.weights, key=lambda w: w.name, reverse=True)
         self.assertEqual([w.name.split("/")[-1] for w in (kernel, bias)], ["kernel:0", "bias:0"])
