@@ -170,7 +170,7 @@ class Rule:
         for part, regex in zip(self.layout, self._torch):
             match = regex.fullmatch(torch_name)
             if match:
-                prefix = self.torch_pattern.format(match.groupdict(), self.tf_pattern)
+                prefix = self.torch_pattern.format(match.groupdict(), self.torch_pattern)
                 scope = self.tf_pattern.format(match.groupdict(), self.torch_pattern)
                 return part, [_join(prefix, leaf, ".") for leaf in part.torch], \
                     _join(scope, part.tf, "/")
