@@ -24,6 +24,7 @@ tensor([0.4000])
 """
 from __future__ import annotations
 
+import functools
 from typing import Sequence
 
 import numpy as np
@@ -57,9 +58,20 @@ def float32_decay(decay, num_updates=None):
 
 
 def update_weight(decay, dtype: torch.dtype) -> torch.Tensor:
-    """``1 - decay``, computed in float32 and then cast to the variable dtype (0-dim tensor)."""
+    """``1 - decay``, computed in float32 and then cast to the variable dtype (0-dim tensor).
+
+    The result may be shared between calls (read it, don't modify it): a host decay
+    repeats from step to step, so its weight is computed once.
+    """
+    if isinstance(decay, np.float32):
+        return _host_update_weight(decay, dtype)
     # decay = ops.convert_to_tensor(1.0 - decay); decay = math_ops.cast(decay, variable.dtype)
     return torch.as_tensor(1.0 - decay).to(dtype)
+
+
+@functools.lru_cache(maxsize=64)
+def _host_update_weight(decay: np.float32, dtype: torch.dtype) -> torch.Tensor:
+    return torch.as_tensor(np.float32(1.0) - decay).to(dtype)
 
 
 def assign_moving_average_(batch: kernels.Batch, d: torch.Tensor) -> None:
