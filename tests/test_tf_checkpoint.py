@@ -74,6 +74,37 @@ class ReadTest(CheckpointTestCase):
         self.assertTrue(same_bits(ckpt.tensors["model/dense/kernel"].numpy(),
                                   np.ones((2, 3), np.float32)))
 
+    def test_keras_model_into_a_pytorch_port(self):
+        """A TF2 checkpoint of a Keras 3 model, its object-graph names mapped by rules."""
+        import keras
+        rng = np.random.default_rng(0)
+        x = rng.standard_normal((2, 5, 3)).astype(np.float32)
+        keras_model = keras.Sequential([keras.Input((5, 3)),
+                                        keras.layers.LSTM(4, return_sequences=True),
+                                        keras.layers.Dense(2)])
+        for variable in keras_model.weights:
+            variable.assign(rng.standard_normal(variable.shape).astype(np.float32))
+        prefix = tf.train.Checkpoint(model=keras_model).save(str(self.directory / "keras"))
+
+        class Port(torch.nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.rnn = torch.nn.LSTM(3, 4, batch_first=True)
+                self.head = torch.nn.Linear(4, 2)
+
+            def forward(self, inputs):
+                return self.head(self.rnn(inputs)[0])
+
+        names = NameMap([Rule("rnn", "model/_functional/_operations/1/cell", "keras_lstm"),
+                         Rule("head", "model/_functional/_operations/2", "dense",
+                              kernel="_kernel")])
+        port = Port()
+        report = names.load(read_checkpoint(prefix).tensors, port)
+        self.assertEqual(len(report.raw_fallbacks), 5)      # Keras keeps no averages here
+        with torch.no_grad():
+            ours = port(torch.from_numpy(x)).numpy()
+        np.testing.assert_allclose(ours, keras_model(x).numpy(), rtol=1e-5, atol=2e-5)
+
     def test_bad_paths_raise_checkpoint_error(self):
         prefix, _ = self.tf1_checkpoint()
         (self.directory / "notes.txt").write_text("not a checkpoint")
