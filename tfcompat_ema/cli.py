@@ -62,23 +62,22 @@ def _inspect(args) -> int:
     from .tf_checkpoint import read_checkpoint
     ckpt = read_checkpoint(args.checkpoint)
     tensors = ckpt.tensors
-    averages, debiased = {}, set()
-    for key in tensors:
+    variables, averages, debiased = [], {}, set()
+    for key in sorted(tensors):
         found = _ema_state_key(key, args.ema_name)
-        if found is not None:
-            base, ema, leaf = found
-            if leaf:
-                debiased.add(base)
-            else:
-                averages.setdefault(base, []).append(ema)
-    variables = sorted(k for k in tensors if _ema_state_key(k, args.ema_name) is None)
-    fed = sorted(set(averages) - set(tensors))
-    rows = [(name, _shape(tensors[name]), _dtype(tensors[name]),
-             ", ".join(sorted(averages.get(name, []))) or "-",
-             "yes" if name in debiased else "-") for name in variables]
-    rows += [(f"{name} (tensor)", _shape(tensors[f"{name}/{averages[name][0]}"]),
-              _dtype(tensors[f"{name}/{averages[name][0]}"]), ", ".join(sorted(averages[name])),
-              "yes" if name in debiased else "-") for name in fed]
+        if found is None:
+            variables.append(key)
+        elif found[2]:
+            debiased.add(found[0])
+        else:
+            averages.setdefault(found[0], []).append(found[1])
+    # A fed tensor (a loss) is not saved itself: its row shows its average's shape and dtype.
+    fed = [name for name in sorted(averages) if name not in tensors]
+    shown = [(name, name, tensors[name]) for name in variables] + \
+        [(f"{name} (tensor)", name, tensors[f"{name}/{averages[name][0]}"]) for name in fed]
+    rows = [(label, _shape(tensor), _dtype(tensor),
+             ", ".join(sorted(averages.get(name, []))) or "-", "yes" if name in debiased else "-")
+            for label, name, tensor in shown]
     print(f"{ckpt.prefix}: {ckpt.format} checkpoint ({'object' if ckpt.format == 'TF2' else 'name'}"
           f"-based), {len(variables)} variables, {sum(map(len, averages.values()))} averages")
     header = ("name", "shape", "dtype", "averages", "debias")

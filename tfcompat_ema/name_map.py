@@ -9,8 +9,9 @@ path with a TF scope, written as patterns with named placeholders, and names the
 
 maps ``highway.layers.0.trans.weight`` [out, in] to ``highway/layer_0/trans/Matrix``
 [in, out] and back. Placeholders: ``{name}`` is one name segment; ``{name*}`` one or more
-(``a.b`` in PyTorch is ``a/b`` in TF); ``{name:REGEX}`` text matching REGEX (on both sides, given on either). Outside
-placeholders a pattern is literal text. The first rule that matches a name wins.
+(``a.b`` in PyTorch is ``a/b`` in TF); ``{name:REGEX}`` text matching REGEX (on both
+sides, given on either). Outside placeholders a pattern is literal text. The first rule
+that matches a name wins.
 
 Loading is strict by default: every TF variable must be used (or ignored with
 ``ignore_tf``), every PyTorch entry must be found (or ignored with ``ignore_torch``), and
@@ -443,8 +444,9 @@ class NameMap:
             loads.append((ema, {ema.average_name(n): averages[n] for n in names
                                 if n in averages}))
         if tensor_ema is not None:
-            fed = self._fed_averages(tf_vars, tensor_ema.name)
-            report.skipped = [k for k in report.skipped if not k.startswith(tuple(fed))]
+            renames = self._fed_averages(tf_vars, tensor_ema.name)
+            fed = {ours: tf_vars[key] for key, ours in renames.items()}
+            report.skipped = [key for key in report.skipped if key not in renames]
             if loads and loads[0][0] is tensor_ema:
                 loads[0][1].update(fed)
             else:
@@ -455,16 +457,17 @@ class NameMap:
                 expected[name].copy_(value)
         return report
 
-    def _fed_averages(self, tf_vars: Mapping[str, Tensor], torch_ema_name: str):
-        """TF's averages of non-variable tensors, keyed as our EMA named ``torch_ema_name``."""
-        fed = {}
-        for key, value in tf_vars.items():
+    def _fed_averages(self, tf_vars: Mapping[str, Tensor], torch_ema_name: str) -> Dict[str, str]:
+        """TF's keys of non-variable tensors' EMA state -> our keys, for an EMA named
+        ``torch_ema_name``."""
+        renames = {}
+        for key in tf_vars:
             found = _ema_state_key(key, self.ema_name)
             if found and found[1] == self.ema_name and found[0] not in tf_vars \
                     and not self._ignored_tf(key):
                 base, _, leaf = found
-                fed[_join(f"{base}/{torch_ema_name}", leaf, "/")] = value
-        return fed
+                renames[key] = _join(f"{base}/{torch_ema_name}", leaf, "/")
+        return renames
 
     def export(self, model: nn.Module, ema: Optional[ExponentialMovingAverage] = None,
                tensor_ema: Optional[ExponentialMovingAverage] = None,
@@ -488,14 +491,11 @@ class NameMap:
                 if tf_name in with_average:
                     tf_vars[f"{tf_name}/{self.ema_name}"] = value
         if tensor_ema is not None:
-            variables = {tensor_ema.average_name(name) for name in state}
             for key, value in tensor_ema.state_dict().items():
-                average, leaf = key, ""
-                if key.rsplit("/", 1)[-1] in _DEBIAS_LEAVES:
-                    average, leaf = key.rsplit("/", 1)
-                if key == NUM_UPDATES_KEY or average in variables:
+                found = _ema_state_key(key, tensor_ema.name)
+                if found is None or found[0] in state:      # the count, or a variable's
                     continue
-                base = average[:-len(tensor_ema.name) - 1]
+                base, _, leaf = found
                 tf_vars[_join(f"{base}/{self.ema_name}", leaf, "/")] = value.detach().clone()
         return tf_vars
 
