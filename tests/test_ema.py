@@ -397,7 +397,7 @@ class BadInputTest(unittest.TestCase):
     def test_unknown_names(self):
         with self.assertRaisesRegex(KeyError, "'nope'"):
             self.ema.average("nope")
-        with self.assertRaisesRegex(KeyError, "not tracked"):
+        with self.assertRaisesRegex(KeyError, "neither tracked"):
             self.ema.average_name(torch.zeros(1))
         self.assertIsNone(self.ema.average(torch.zeros(1)))
 

@@ -206,7 +206,18 @@ static PyObject *update(PyObject *self, PyObject *args) {
     const double *factors = debias ? (const double *)factors_view.buf : NULL;
     const int64_t *numels = (const int64_t *)numels_view.buf;
     int64_t total = 0;
-    for (Py_ssize_t t = 0; t < ntensors; t++) total += numels[t];
+    for (Py_ssize_t t = 0; t < ntensors; t++) {
+        /* A stale plan must never become a write through a null pointer or a wild count. */
+        if (numels[t] < 0 || (numels[t] > 0 && (!shadows[t] || !values[t] ||
+                                                 (debias && !biased[t])))) {
+            PyBuffer_Release(&numels_view);
+            PyBuffer_Release(&shadows_view);
+            PyBuffer_Release(&values_view);
+            if (debias) { PyBuffer_Release(&biased_view); PyBuffer_Release(&factors_view); }
+            return PyErr_Format(PyExc_ValueError, "tensor %zd: null pointer or negative size", t);
+        }
+        total += numels[t];
+    }
     if (threads < 1) threads = 1;
     if (total < (int64_t)threads * PARALLEL_GRAIN) threads = (int)(total / PARALLEL_GRAIN) + 1;
 

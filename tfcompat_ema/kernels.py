@@ -66,10 +66,13 @@ class Batch:
                               None if biased is None else _pointers(pick(self.biased))]
 
     def _fusable(self) -> List[int]:
-        """The pairs the flat kernel can walk: value dense and laid out like its shadow."""
-        return [i for i, (s, v) in enumerate(zip(self.shadows, self.values))
-                if s.stride() == v.stride() and (v.is_contiguous() or _dense(v))
-                and (self.biased is None or self.biased[i].stride() == s.stride())]
+        """The pairs the flat kernel can walk: plain, non-empty tensors with memory of their
+        own (a DTensor's address is 0), the value dense and laid out like its shadow."""
+        biased = self.biased or [None] * len(self.shadows)
+        return [i for i, (s, v, b) in enumerate(zip(self.shadows, self.values, biased))
+                if all(t is None or (_plain(t) and t.data_ptr() != 0) for t in (s, v, b))
+                and s.numel() > 0 and s.stride() == v.stride()
+                and (v.is_contiguous() or _dense(v)) and (b is None or b.stride() == s.stride())]
 
     def moving_average_(self, d: torch.Tensor) -> None:
         """``s -= (s - v) * d`` for every pair; ``d`` is a 0-dim tensor of the batch dtype."""
@@ -135,6 +138,10 @@ def _slices(shadow: torch.Tensor, value: torch.Tensor) -> Iterator[Tuple[torch.T
 
 def _pointers(tensors: Sequence[torch.Tensor]) -> array:
     return array("Q", map(torch.Tensor.data_ptr, tensors))
+
+
+def _plain(t: torch.Tensor) -> bool:
+    return type(t) in (torch.Tensor, torch.nn.Parameter)
 
 
 def _dense(t: torch.Tensor) -> bool:

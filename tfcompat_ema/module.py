@@ -6,7 +6,7 @@ from typing import Any, Dict, List, Tuple
 import torch
 from torch import nn
 
-from .ema import ExponentialMovingAverage
+from .ema import NUM_UPDATES_KEY, ExponentialMovingAverage
 
 BUFFER_POLICIES = ("copy", "average")
 
@@ -45,6 +45,8 @@ class EMAModule(nn.Module):
     def __init__(self, module: nn.Module, decay, num_updates=None,
                  name: str = "ExponentialMovingAverage", buffers: str = "copy"):
         super().__init__()
+        if not isinstance(module, nn.Module):
+            raise TypeError(f"EMAModule wraps an nn.Module, got {type(module).__name__}")
         if buffers not in BUFFER_POLICIES:
             raise ValueError(f"buffers must be one of {BUFFER_POLICIES}, got {buffers!r}")
         self.module = module
@@ -64,13 +66,29 @@ class EMAModule(nn.Module):
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         if self.training:
             return self.module(*args, **kwargs)
-        averages = {}
-        for name, _ in self._averaged_entries():
-            try:
-                averages[name] = self.ema.average(name)
-            except KeyError:
-                pass        # not averaged yet (before the first update): the live value serves
+        entries = self._averaged_entries()
+        missing = [name for name, _ in entries if not self._has_average(name)]
+        if len(missing) == len(entries) and not self._holds_averages():
+            # Before the first update: the averages would start at the live weights.
+            return self.module(*args, **kwargs)
+        if missing:
+            # Evaluating the live weights instead would be a silent wrong answer.
+            raise RuntimeError(
+                f"eval mode runs the averages, but {len(missing)} of {len(entries)} entries "
+                f"have none: {missing[:5]}{' ...' if len(missing) > 5 else ''} (call update() "
+                "after each optimizer step, or load a state saved from this same model)")
+        averages = {name: self.ema.average(name) for name, _ in entries}
         return torch.func.functional_call(self.module, averages, args, kwargs)
+
+    def _holds_averages(self) -> bool:
+        return any(key != NUM_UPDATES_KEY for key in self.ema.state_dict())
+
+    def _has_average(self, name: str) -> bool:
+        try:
+            self.ema.average(name)
+        except KeyError:
+            return False
+        return True
 
     def get_extra_state(self) -> Dict[str, torch.Tensor]:
         return self.ema.state_dict()

@@ -45,16 +45,44 @@ def float32_decay(decay, num_updates=None):
     inputs, the result is a 0-dim float32 tensor on its device, read without a sync.
     """
     on_host = not isinstance(decay, torch.Tensor) and not isinstance(num_updates, torch.Tensor)
+    if on_host:
+        return _host_float32_decay(decay, num_updates)
     # decay = ops.convert_to_tensor(self._decay, dtype=dtypes.float32)
-    decay = np.float32(decay) if on_host else torch.as_tensor(decay).to(torch.float32)
+    decay = torch.as_tensor(decay).to(torch.float32)
     if num_updates is not None:
         # num_updates = math_ops.cast(self._num_updates, dtypes.float32)
-        # (through int64, so counts above 2**24 round to nearest even as TF's cast does)
-        n = np.float32(np.int64(num_updates)) if on_host else torch.as_tensor(
-            num_updates, dtype=torch.int64, device=decay.device).to(torch.float32)
+        # (an integer tensor is cast directly, unsigned ones included, as TF's cast does)
+        n = num_updates.to(device=decay.device, dtype=torch.float32) if isinstance(
+            num_updates, torch.Tensor) else torch.as_tensor(_host_count(num_updates),
+                                                            device=decay.device)
         # decay = math_ops.minimum(decay, (1.0 + num_updates) / (10.0 + num_updates))
-        decay = (np.minimum if on_host else torch.minimum)(decay, (1.0 + n) / (10.0 + n))
+        decay = torch.minimum(decay, (1.0 + n) / (10.0 + n))
     return decay
+
+
+def _host_float32_decay(decay, num_updates) -> np.float32:
+    """:func:`float32_decay` on host numbers: every operand a numpy float32 scalar.
+
+    Each constant is spelled ``np.float32(...)``: numpy 1.x promotes ``1.0 + float32`` to
+    float64 (value-based casting) where numpy 2 keeps float32, and TF computes in float32.
+    """
+    decay = np.float32(decay)
+    if num_updates is None:
+        return decay
+    n = _host_count(num_updates)
+    one, ten = np.float32(1.0), np.float32(10.0)
+    return np.minimum(decay, np.float32(np.float32(one + n) / np.float32(ten + n)))
+
+
+def _host_count(num_updates) -> np.float32:
+    """A host step count as float32, rounded once from the integer as TF's cast rounds it.
+
+    Signed counts go through int64 (TF's step dtype; larger ones are refused by the
+    caller's checks), numpy unsigned scalars are cast directly as TF casts a uint64 tensor.
+    """
+    if isinstance(num_updates, np.unsignedinteger):
+        return np.float32(num_updates)
+    return np.float32(np.int64(num_updates))
 
 
 def update_weight(decay, dtype: torch.dtype) -> torch.Tensor:

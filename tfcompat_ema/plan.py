@@ -1,0 +1,79 @@
+"""The averages an ``ExponentialMovingAverage`` keeps, and ``apply``'s prepared updates.
+
+A :class:`Slot` is one average. A :class:`Plan` is one ``apply`` call's averages grouped into
+kernel batches, prepared once and reused while nothing it relies on has changed. The fused
+kernel receives raw pointers, so "nothing has changed" is checked at every reuse, for the
+variables (memory, shape, strides, dtype) and for the averages (memory): a variable re-laid
+out in place (``p.data = p.data.t()``), reinterpreted (``p.data = p.data.view(torch.int32)``),
+or an average whose storage moved (``share_memory_()``, ``resize_``) sends ``apply`` back
+through its full checks instead of handing the kernel stale pointers.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+
+import torch
+
+from . import kernels
+
+Tensor = torch.Tensor
+
+
+@dataclass
+class Slot:
+    """The average of one variable (``var``, tracked by reference) or fed tensor (``var`` None)."""
+    name: str
+    average_name: str
+    var: Optional[Tensor]
+    shadow: Tensor
+    biased: Optional[Tensor] = None      # zero_debias state of fed tensors, as in TF
+    local_step: Optional[Tensor] = None
+
+    def state(self) -> Dict[str, Tensor]:
+        """This average's ``state_dict`` entries."""
+        state = {self.average_name: self.shadow}
+        if self.biased is not None:
+            state[self.average_name + "/biased"] = self.biased
+            state[self.average_name + "/local_step"] = self.local_step
+        return state
+
+
+def layouts(tensors: Sequence[Tensor]) -> Tuple[list, list, list, list]:
+    """Memory, shape, strides and dtype of each tensor: what a plan relies on."""
+    return (list(map(Tensor.data_ptr, tensors)), list(map(Tensor.size, tensors)),
+            list(map(Tensor.stride, tensors)), [t.dtype for t in tensors])
+
+
+class Plan:
+    """An ``apply`` prepared once: its variables' averages grouped into kernel batches."""
+
+    def __init__(self, slots: List[Slot]):
+        self.slots = slots
+        self.variables = [slot.var for slot in slots]
+        self.shadows = [tensor for slot in slots for tensor in slot.state().values()]
+        self.variable_layouts = layouts(self.variables)
+        self.shadow_pointers = list(map(Tensor.data_ptr, self.shadows))
+        self.batches = [(dtype, kernels.Batch([s.shadow for s in group], [s.var for s in group]))
+                        for (_, dtype, _), group in groups(slots).items()]
+
+    def holds_for(self, variables: Optional[List[Tensor]]) -> bool:
+        """Whether this plan still describes these variables (None: the plan's own) and
+        the averages still live where the plan's pointers point."""
+        if variables is not None and not all(map(_is, variables, self.variables)):
+            return False
+        return (layouts(self.variables) == self.variable_layouts
+                and list(map(Tensor.data_ptr, self.shadows)) == self.shadow_pointers)
+
+
+def groups(slots: Iterable[Slot]) -> Dict[Tuple[torch.device, torch.dtype, bool], List[Slot]]:
+    """Slots by device, dtype and whether they are debiased: one kernel batch each."""
+    grouped: Dict[Tuple[torch.device, torch.dtype, bool], List[Slot]] = {}
+    for slot in slots:
+        key = (slot.shadow.device, slot.shadow.dtype, slot.biased is not None)
+        grouped.setdefault(key, []).append(slot)
+    return grouped
+
+
+def _is(a, b) -> bool:
+    return a is b
