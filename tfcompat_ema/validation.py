@@ -138,8 +138,11 @@ def check_num_updates(num_updates) -> None:
             raise ValueError("num_updates is a tensor on the meta device: it holds no value")
         if num_updates.device.type != "cpu":
             return
-        value = int(num_updates)
         unsigned = not num_updates.dtype.is_signed
+        if num_updates.dtype == torch.uint64:      # read the bits: int() would overflow
+            value = int(num_updates.view(torch.int64)) % 2 ** 64
+        else:
+            value = int(num_updates)
     elif isinstance(num_updates, numbers.Integral) and \
             not isinstance(num_updates, (bool, np.bool_)):
         value = int(num_updates)
