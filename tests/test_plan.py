@@ -33,7 +33,7 @@ class RelayoutTest(unittest.TestCase):
         ema.apply({"w": w})
         shadow = ema.average("w").clone()
         w.data = w.data.t()              # same memory, same shape, other strides
-        ema.apply()
+        ema.apply({"w": w})
         torch.testing.assert_close(ema.average("w"), reference(shadow, w.detach().contiguous(),
                                                                0.5), rtol=0, atol=0)
 
@@ -44,7 +44,7 @@ class RelayoutTest(unittest.TestCase):
         before = ema.average("w").clone()
         w.data = w.data.view(torch.int32)       # same memory and shape, read as int32
         with self.assertRaisesRegex(TypeError, "'w'"):
-            ema.apply()
+            ema.apply({"w": w})
         self.assertTrue(torch.equal(ema.average("w"), before))
 
     def test_shape_changed_in_place_is_refused(self):
@@ -53,7 +53,7 @@ class RelayoutTest(unittest.TestCase):
         ema.apply({"w": w})
         w.data = w.data[:2]
         with self.assertRaisesRegex(ValueError, "'w'"):
-            ema.apply()
+            ema.apply({"w": w})
 
 
 class MovedAveragesTest(unittest.TestCase):
@@ -64,8 +64,8 @@ class MovedAveragesTest(unittest.TestCase):
         for value in ema.state_dict().values():
             value.share_memory_()        # moves the storage the cached plan pointed into
         w.fill_(4.0)
-        ema.apply()
-        ema.apply()
+        ema.apply({"w": w})
+        ema.apply({"w": w})
         self.assertTrue(torch.equal(ema.average("w"), torch.full((1000,), 3.5)))
 
     def test_moved_storage_in_a_child_process(self):
@@ -79,7 +79,7 @@ class MovedAveragesTest(unittest.TestCase):
             gc.collect()
             junk = [torch.full((1 << 16,), 7.0) for _ in range(8)]   # reuse the freed memory
             w.fill_(4.0)
-            ema.apply()
+            ema.apply({"w": w})
             assert torch.equal(ema.average("w"), torch.full((1 << 16,), 3.0)), ema.average("w")
             assert all(torch.equal(j, torch.full((1 << 16,), 7.0)) for j in junk)
             print("ok")
@@ -93,20 +93,27 @@ class MovedAveragesTest(unittest.TestCase):
         ema.apply({"w": w})
         ema.average("w").resize_(100)
         with self.assertRaisesRegex(ValueError, "'w'"):
-            ema.apply()
+            ema.apply({"w": w})
 
 
 @unittest.skipUnless(kernels.fused_available(), "the fused kernel is not built")
 class KernelEntryTest(unittest.TestCase):
     def test_null_pointers_are_refused(self):
-        from array import array
-        from tfcompat_ema import _fused
-        with self.assertRaisesRegex(ValueError, "null pointer"):
-            _fused.update(0, array("Q", [0]), None, array("Q", [0]), array("q", [4]), 0.5,
-                          None, 1)
-        with self.assertRaisesRegex(ValueError, "negative size"):
-            _fused.update(0, array("Q", [8]), None, array("Q", [8]), array("q", [-1]), 0.5,
-                          None, 1)
+        result = run_child("""
+            from array import array
+            from tfcompat_ema import _fused
+            for pointer, size, expected in ((0, 4, "null pointer"), (8, -1, "negative size")):
+                try:
+                    _fused.update(0, array("Q", [pointer]), None, array("Q", [pointer]),
+                                  array("q", [size]), 0.5, None, 1)
+                except ValueError as error:
+                    assert expected in str(error), error
+                else:
+                    raise AssertionError("accepted")
+            print("ok")
+        """)
+        self.assertEqual(result.returncode, 0, result.stderr[-2000:])
+        self.assertIn("ok", result.stdout)
 
     def test_empty_tensors_never_reach_the_kernel(self):
         batch = kernels.Batch([torch.zeros(0)], [torch.zeros(0)])
