@@ -15,6 +15,7 @@ repeated updates of the same tensors do no per-tensor work in Python.
 """
 from __future__ import annotations
 
+import warnings
 from array import array
 from typing import Iterator, List, Optional, Sequence, Tuple
 
@@ -32,8 +33,32 @@ _DTYPE_CODES = {torch.float32: 0, torch.float64: 1, torch.float16: 2, torch.bflo
 
 
 def fused_available() -> bool:
-    """Whether the compiled one-pass CPU kernel is installed."""
+    """Whether the compiled one-pass CPU kernel is installed.
+
+    Without it (the package was installed where no C compiler was found), CPU updates take
+    the pure-PyTorch path: exact per-op arithmetic, but several times slower, and denormals
+    are not flushed to zero as TF's CPU kernels flush them.
+
+    >>> from tfcompat_ema import fused_available
+    >>> isinstance(fused_available(), bool)
+    True
+    """
     return _fused is not None
+
+
+_warned_unfused = False
+
+
+def _warn_unfused() -> None:
+    """Say once per process that CPU updates run without the compiled kernel."""
+    global _warned_unfused
+    if not _warned_unfused:
+        _warned_unfused = True
+        warnings.warn("tfcompat_ema's compiled CPU kernel is not installed (no C compiler at "
+                      "install time?): CPU updates take the pure-PyTorch path, several times "
+                      "slower, and denormals are not flushed to zero as TF's CPU kernels do. "
+                      "Reinstall with a C compiler; tfcompat_ema.fused_available() tells.",
+                      RuntimeWarning, stacklevel=4)
 
 
 class Batch:
@@ -54,6 +79,8 @@ class Batch:
                  biased: Optional[Sequence[torch.Tensor]] = None):
         self.shadows, self.values = list(shadows), list(values)
         self.biased = None if biased is None else list(biased)
+        if _fused is None and self.shadows and self.shadows[0].device.type == "cpu":
+            _warn_unfused()
         fused = [] if _fused is None or not self.shadows or \
             self.shadows[0].device.type != "cpu" else self._fusable()
         self._fused_index = fused
