@@ -6,7 +6,7 @@ in the same directory, created with the umask's permissions, then renamed into p
 
 >>> import tempfile, os
 >>> path = os.path.join(tempfile.mkdtemp(), "f")
->>> write_atomically(path, [b"abc"])
+>>> _ = write_atomically(path, [b"abc"])
 >>> read_whole(path)
 b'abc'
 """

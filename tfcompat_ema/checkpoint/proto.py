@@ -95,6 +95,9 @@ def last(fields, number: int, default=0):
 
 
 def text(value, what: str) -> str:
+    """A string field's value; CheckpointError if it is not length-delimited UTF-8."""
+    if not isinstance(value, (bytes, memoryview)):
+        raise CheckpointError(f"{what}: a number where a name belongs")
     try:
         return bytes(value).decode("utf-8")
     except UnicodeDecodeError:
