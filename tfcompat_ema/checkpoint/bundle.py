@@ -121,6 +121,11 @@ def encode_entry(entry: Entry) -> bytes:
             out += proto.field_varint(number, value)
     if entry.crc:
         out += proto.field_fixed32(6, entry.crc)
+    for extents in entry.slices:
+        out += proto.field_bytes(7, b"".join(
+            proto.field_bytes(1, (proto.field_varint(1, start) if start else b"")
+                              + (proto.field_varint(2, length) if length != -1 else b""))
+            for start, length in extents))
     return out
 
 

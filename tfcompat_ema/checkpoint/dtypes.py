@@ -52,7 +52,7 @@ _PLAIN = {"f4": 1, "f8": 2, "i4": 3, "u1": 4, "i2": 5, "i1": 6, "c8": 8, "i8": 9
 def tf_dtype_of(dtype: np.dtype) -> int:
     """The TF DataType number of a numpy dtype (ml_dtypes' types by their names)."""
     dtype = np.dtype(dtype)
-    if dtype.name in BY_NAME and dtype.kind == "V":       # ml_dtypes: bfloat16, float8_*, int4
+    if dtype.name in BY_NAME:        # numpy's names and ml_dtypes' (bfloat16, float8_*, int4)
         return BY_NAME[dtype.name]
     code = dtype.kind + str(dtype.itemsize)
     if code in _PLAIN:
