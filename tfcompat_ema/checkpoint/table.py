@@ -90,8 +90,9 @@ def read_table(blob, what: str) -> List[Tuple[bytes, memoryview]]:
     if not is_table(blob):
         raise CheckpointError(f"{what}: not a table (no magic number at its end)")
     footer = bytes(blob[-FOOTER_SIZE:-8])
-    _, _, pos = _handle(footer, 0, len(footer), f"{what} (footer)")
+    meta_offset, meta_size, pos = _handle(footer, 0, len(footer), f"{what} (footer)")
     index_offset, index_size, _ = _handle(footer, pos, len(footer), f"{what} (footer)")
+    _block(blob, meta_offset, meta_size, f"{what} (metaindex)")      # CRC-checked, unused
     index = _entries(_block(blob, index_offset, index_size, what), f"{what} (index block)")
     items: List[Tuple[bytes, memoryview]] = []
     previous_end = 0

@@ -55,8 +55,9 @@ def values_from_tensor_proto(buf, dtype_number: int, count: int, what: str) -> n
         values = proto.repeated(fields, 10, "varint", what).view(np.int64)
     elif dtype_number == 10:
         values = proto.repeated(fields, 11, "varint", what) != 0
-    elif dtype_number in (14, 19):
+    elif dtype_number in (14, 19):                          # the bits, in an int field
         values = proto.repeated(fields, 13, "varint", what).astype(np.uint16)
+        values = values.view(dtype.storage)
     elif dtype_number == 22:
         values = proto.repeated(fields, 16, "varint", what).astype(np.uint32)
     elif dtype_number == 23:
