@@ -167,3 +167,46 @@ class WriteTest(CheckpointTestCase):
 
 if __name__ == "__main__":
     unittest.main()
+
+
+class WithoutTensorFlowTest(unittest.TestCase):
+    """The reader and writer in a process where `import tensorflow` fails."""
+
+    def test_read_write_inspect_without_tensorflow(self):
+        import subprocess
+        import sys
+        code = (
+            "import sys; sys.modules['tensorflow'] = None\n"
+            "import tempfile, torch, tfcompat_ema\n"
+            "from tfcompat_ema import read_checkpoint, write_checkpoint\n"
+            "from tfcompat_ema.cli import main\n"
+            "d = tempfile.mkdtemp()\n"
+            "write_checkpoint(d + '/m', {'w': torch.ones(2), 'w/ExponentialMovingAverage':"
+            " torch.zeros(2)})\n"
+            "assert read_checkpoint(d).tensors['w'].tolist() == [1.0, 1.0]\n"
+            "assert main(['inspect', d]) == 0\n"
+            "assert sys.modules['tensorflow'] is None\n"
+            "print('ok')\n")
+        result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                                cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertIn("ok", result.stdout)
+
+    def test_crafted_index_is_an_error_not_a_signal(self):
+        """Issue 9.8: entries TF's reader aborts on (valid checksums) give CheckpointError."""
+        from tfcompat_ema.checkpoint import table
+        from tfcompat_ema.checkpoint.proto import field_bytes, field_varint
+        with tempfile.TemporaryDirectory() as directory:
+            prefix = os.path.join(directory, "m")
+            write_checkpoint(prefix, {"w": torch.ones(2)})
+            items = dict((bytes(k), bytes(v)) for k, v in
+                         table.read_table(open(prefix + ".index", "rb").read(), "x"))
+            shape = lambda *dims: field_bytes(2, b"".join(     # noqa: E731
+                field_bytes(2, field_varint(1, d)) for d in dims))
+            for entry in (field_varint(1, 1) + shape(-1), field_varint(1, 1) + shape(*[1] * 300),
+                          field_varint(1, 1) + shape(1 << 40, 1 << 40), b"\x12\x7f"):
+                items[b"w"] = entry
+                with open(prefix + ".index", "wb") as out:
+                    out.write(table.write_table(sorted(items.items())))
+                with self.assertRaisesRegex(CheckpointError, "unreadable TF checkpoint"):
+                    read_checkpoint(prefix)

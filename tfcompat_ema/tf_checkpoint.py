@@ -1,26 +1,49 @@
-"""Reading and writing TF checkpoints, through TensorFlow's own reader and writer.
+"""Reading and writing TF checkpoints as torch tensors, without TensorFlow.
 
-The one module of the package that imports TensorFlow, and only when one of its functions
-is called (``pip install tfcompat-ema[tf]``).
+The formats are read and written by :mod:`tfcompat_ema.checkpoint` (numpy only; see its
+modules for the dependency choices); this module makes torch tensors of what it reads and
+numpy views of what it writes. Read: V2 bundles (single and multi-shard, TF1 name-based and
+TF2 object-based with the object graph decoded, partitioned variables, big-endian), legacy V1
+checkpoints (snappy blocks too). Written: a V2 bundle byte-identical to TF's ``SaveV2``, and
+the ``checkpoint`` state file with its history kept.
 """
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
-from typing import Dict, Mapping
+from dataclasses import dataclass, field
+from typing import Dict, Mapping, Optional
 
 import numpy as np
 import torch
 
-Tensor = torch.Tensor
+from .checkpoint.bundle import BundleReader, write_bundle
+from .checkpoint.dtypes import DTYPES, STRING
+from .checkpoint.errors import CheckpointError
+from .checkpoint.object_graph import KEY as OBJECT_GRAPH_KEY
+from .checkpoint.object_graph import ObjectGraph, parse_object_graph
+from .checkpoint.state import read_state, resolve_prefix, update_state, v1_files
+from .checkpoint.v1 import V1Reader
 
-#: The key every object-based (TF2, ``tf.train.Checkpoint``) checkpoint has.
-OBJECT_GRAPH_KEY = "_CHECKPOINTABLE_OBJECT_GRAPH"
+Tensor = torch.Tensor
 _VALUE_SUFFIX = "/.ATTRIBUTES/VARIABLE_VALUE"
 
+__all__ = ["TFCheckpoint", "CheckpointError", "read_checkpoint", "write_checkpoint",
+           "resolve_prefix", "OBJECT_GRAPH_KEY"]
 
-class CheckpointError(ValueError):
-    """A path that is not a readable TF checkpoint (missing, not one, truncated, corrupt)."""
+#: TF dtype name -> torch dtype, for the types torch holds (its storage is viewed as it).
+_TORCH = {
+    "float32": torch.float32, "float64": torch.float64, "int32": torch.int32,
+    "uint8": torch.uint8, "int16": torch.int16, "int8": torch.int8,
+    "complex64": torch.complex64, "int64": torch.int64, "bool": torch.bool,
+    "qint8": torch.int8, "quint8": torch.uint8, "qint32": torch.int32,
+    "bfloat16": torch.bfloat16, "qint16": torch.int16, "uint16": torch.uint16,
+    "complex128": torch.complex128, "float16": torch.float16, "uint32": torch.uint32,
+    "uint64": torch.uint64, "float8_e5m2": torch.float8_e5m2,
+    "float8_e4m3fn": torch.float8_e4m3fn, "float8_e4m3fnuz": torch.float8_e4m3fnuz,
+    "float8_e5m2fnuz": torch.float8_e5m2fnuz,
+}
+_TF_OF_TORCH = {torch_dtype: name for name, torch_dtype in _TORCH.items()
+                if not name.startswith("q")}
 
 
 @dataclass
@@ -29,51 +52,32 @@ class TFCheckpoint:
 
     ``format`` is ``"TF1"`` (name-based, ``tf.compat.v1.train.Saver``) or ``"TF2"``
     (object-based, ``tf.train.Checkpoint``). ``tensors`` maps variable names to tensors;
-    TF2 names lose their ``/.ATTRIBUTES/VARIABLE_VALUE`` ending, and TF2's bookkeeping
-    (the object graph, ``save_counter``) is left out. ``skipped`` lists entries that are not
-    numbers (strings), which PyTorch cannot hold.
+    TF2 names lose their ``/.ATTRIBUTES/VARIABLE_VALUE`` ending (TF1 names are kept as
+    they are), and TF2's bookkeeping (the object graph, ``save_counter``) is left out of it.
+    ``skipped`` maps each entry that is not a tensor to why: strings (their bytes are in
+    ``strings``), dtypes PyTorch has no type for (int4, float8_e4m3b11fnuz...; their values
+    are in ``arrays``, sub-byte integers widened to int8/uint8), resources and variants.
+    ``keys`` maps every name to its key in the checkpoint; ``object_graph`` is TF2's decoded
+    :class:`~tfcompat_ema.checkpoint.object_graph.ObjectGraph` (full names, slot variables);
+    ``version`` is the file format, ``"V2"`` (bundle) or ``"V1"`` (legacy tables).
     """
     prefix: str
     format: str
     tensors: Dict[str, Tensor]
     skipped: Dict[str, str]
-
-
-def _tf():
-    try:
-        import tensorflow as tf
-    except ImportError:
-        raise ImportError("reading and writing TF checkpoints needs TensorFlow: "
-                          "pip install 'tfcompat-ema[tf]'") from None
-    return tf
-
-
-def resolve_prefix(path) -> str:
-    """The checkpoint prefix for ``path``: a prefix, its ``.index`` file, or a directory
-    with a ``checkpoint`` state file (its latest checkpoint)."""
-    path = os.fspath(path)
-    if os.path.isdir(path):
-        latest = _tf().train.latest_checkpoint(path)
-        if latest is None:
-            raise CheckpointError(f"{path}: a directory without a TF checkpoint in it")
-        return latest
-    if path.endswith(".index"):
-        path = path[:-len(".index")]
-    elif ".data-" in os.path.basename(path):
-        path = path[:path.rindex(".data-")]
-    if not os.path.exists(path + ".index"):
-        if os.path.exists(path):
-            raise CheckpointError(f"{path}: not a TF checkpoint (no {os.path.basename(path)}"
-                                  ".index beside it)")
-        raise CheckpointError(f"{path}: no such checkpoint")
-    return path
+    strings: Dict[str, np.ndarray] = field(default_factory=dict)
+    arrays: Dict[str, np.ndarray] = field(default_factory=dict)
+    keys: Dict[str, str] = field(default_factory=dict)
+    object_graph: Optional[ObjectGraph] = None
+    version: str = "V2"
 
 
 def read_checkpoint(path) -> TFCheckpoint:
-    """Read every variable of a TF1 or TF2 checkpoint with ``tf.train.load_checkpoint``.
+    """Read every variable of a TF1 or TF2 checkpoint (V2 bundle or legacy V1).
 
-    Raises :class:`CheckpointError` for a path that is not a readable checkpoint; every
-    tensor is read here, so a truncated data file is found now, not later.
+    Raises :class:`CheckpointError` naming the file and the fault for a path that is not a
+    readable checkpoint; every tensor is read and CRC-checked here, so a truncated or
+    corrupt file is found now, not later. TensorFlow is not needed.
 
     Example:
         >>> import tempfile, torch
@@ -85,64 +89,113 @@ def read_checkpoint(path) -> TFCheckpoint:
         ('TF1', ['dense/kernel'])
     """
     prefix = resolve_prefix(path)
-    tf = _tf()
     try:
-        reader = tf.train.load_checkpoint(prefix)
-        dtypes = reader.get_variable_to_dtype_map()
-        is_tf2 = OBJECT_GRAPH_KEY in dtypes
-        tensors, skipped = {}, {}
-        for key in sorted(dtypes):
-            if key == OBJECT_GRAPH_KEY:
-                continue
-            name = key[:-len(_VALUE_SUFFIX)] if key.endswith(_VALUE_SUFFIX) else key
-            if is_tf2 and name == "save_counter":
-                continue
-            if not (dtypes[key].is_floating or dtypes[key].is_integer or dtypes[key].is_bool):
-                skipped[name] = dtypes[key].name
-                continue
-            tensors[name] = _to_torch(reader.get_tensor(key))
-    except Exception as error:           # TF's reader raises several kinds for bad files
-        message = getattr(error, "message", None) or str(error)
-        raise CheckpointError(f"{prefix}: unreadable TF checkpoint "
-                              f"({message.splitlines()[0] if message else type(error).__name__})"
-                              ) from None
-    return TFCheckpoint(prefix, "TF2" if is_tf2 else "TF1", tensors, skipped)
+        if os.path.lexists(prefix + ".index"):
+            reader, version = BundleReader(prefix), "V2"
+            dtype_of = lambda key: reader.entries[key].dtype      # noqa: E731
+        else:
+            reader, version = V1Reader(prefix, v1_files(prefix)), "V1"
+            dtype_of = reader.dtype
+        return _read(prefix, reader, version, dtype_of)
+    except CheckpointError as error:
+        raise CheckpointError(f"unreadable TF checkpoint: {error}") from None
+
+
+def _read(prefix, reader, version, dtype_of) -> TFCheckpoint:
+    keys = sorted(reader.names())
+    is_tf2 = OBJECT_GRAPH_KEY in keys
+    graph = None
+    if is_tf2:
+        if dtype_of(OBJECT_GRAPH_KEY) != STRING:
+            raise CheckpointError(f"{prefix}: its object graph is not a string")
+        value = reader.read(OBJECT_GRAPH_KEY)
+        if value.shape != ():
+            raise CheckpointError(f"{prefix}: its object graph has shape {list(value.shape)}")
+        graph = parse_object_graph(value[()], f"{prefix} (object graph)")
+    ckpt = TFCheckpoint(prefix, "TF2" if is_tf2 else "TF1", {}, {}, object_graph=graph,
+                        version=version)
+    for key in keys:
+        if key == OBJECT_GRAPH_KEY:
+            continue
+        name = key[:-len(_VALUE_SUFFIX)] if is_tf2 and key.endswith(_VALUE_SUFFIX) else key
+        if is_tf2 and name == "save_counter":
+            continue
+        if name in ckpt.keys:
+            raise CheckpointError(f"{prefix}: entries {ckpt.keys[name]!r} and {key!r} both "
+                                  f"give the name {name!r}")
+        ckpt.keys[name] = key
+        dtype = DTYPES.get(dtype_of(key))
+        if dtype is None:
+            ckpt.skipped[name] = f"unknown dtype {dtype_of(key)}"
+        elif dtype.number == STRING:
+            ckpt.strings[name] = reader.read(key)
+            ckpt.skipped[name] = "string"
+        elif dtype.storage is None:
+            ckpt.skipped[name] = f"{dtype.name} (not a value)"
+        elif dtype.name not in _TORCH:
+            ckpt.arrays[name] = reader.read(key)
+            ckpt.skipped[name] = f"{dtype.name} (no PyTorch dtype; values in .arrays)"
+        else:
+            ckpt.tensors[name] = _to_torch(reader.read(key), _TORCH[dtype.name])
+    return ckpt
 
 
 def write_checkpoint(prefix, tensors: Mapping[str, Tensor]) -> None:
     """Write ``tensors`` as a TF1 name-based checkpoint at ``prefix``, as ``Saver.save`` does.
 
-    The bundle (``prefix.index``, ``prefix.data-00000-of-00001``) and the directory's
-    ``checkpoint`` state file, so ``tf.train.latest_checkpoint`` finds it. Names are TF
-    variable names; :meth:`tfcompat_ema.NameMap.export` gives them for a model and its EMA.
+    The bundle (``prefix.index``, ``prefix.data-00000-of-00001``, the same bytes as TF's
+    ``SaveV2`` of the tensors in name order) and the directory's ``checkpoint`` state file,
+    so ``tf.train.latest_checkpoint`` finds it: the prefix becomes its latest checkpoint and
+    the ones it listed stay listed, as ``Saver`` keeps them. Every file is written to a
+    temporary name and renamed. Names are TF variable names;
+    :meth:`tfcompat_ema.NameMap.export` gives them for a model and its EMA.
+
+    Example:
+        >>> import tempfile, torch
+        >>> prefix = tempfile.mkdtemp() + "/model.ckpt"
+        >>> write_checkpoint(prefix, {"w": torch.zeros(2)})
+        >>> write_checkpoint(prefix, {"": torch.zeros(2)})
+        Traceback (most recent call last):
+        ...
+        ValueError: a tensor name is empty; TF checkpoints cannot hold one
     """
     prefix = os.fspath(prefix)
-    tf = _tf()
-    names = sorted(tensors)
-    for name in names:
-        if not isinstance(tensors[name], Tensor):
-            raise TypeError(f"{name!r} is a {type(tensors[name]).__name__}, not a tensor")
-    values = [tf.constant(_to_numpy(tensors[name])) for name in names]
+    items = []
+    for name in sorted(tensors, key=lambda n: n.encode("utf-8") if isinstance(n, str) else b""):
+        value = tensors[name]
+        if not isinstance(name, str):
+            raise TypeError(f"tensor names are strings, not {type(name).__name__} ({name!r})")
+        if not name:
+            raise ValueError("a tensor name is empty; TF checkpoints cannot hold one")
+        if not isinstance(value, Tensor):
+            raise TypeError(f"{name!r} is a {type(value).__name__}, not a tensor")
+        if value.dtype not in _TF_OF_TORCH:
+            raise TypeError(f"{name!r}: TF checkpoints have no {value.dtype}")
+        if value.is_sparse or value.layout != torch.strided:
+            raise TypeError(f"{name!r}: a {value.layout} tensor; write a dense one")
+        items.append((name, value))
     directory = os.path.dirname(os.path.abspath(prefix))
-    os.makedirs(directory, exist_ok=True)
-    tf.raw_ops.SaveV2(prefix=prefix, tensor_names=names, shape_and_slices=[""] * len(names),
-                      tensors=values)
-    # The state file Saver writes beside its checkpoints (a text proto), for latest_checkpoint.
-    relative = os.path.relpath(os.path.abspath(prefix), directory)
-    with open(os.path.join(directory, "checkpoint"), "w") as state:
-        state.write(f'model_checkpoint_path: "{relative}"\n'
-                    f'all_model_checkpoint_paths: "{relative}"\n')
+    if os.path.isdir(directory):
+        read_state(directory)             # a malformed state file is refused before writing
+    write_bundle(prefix, [(name, DTYPES_BY_NAME[_TF_OF_TORCH[value.dtype]], tuple(value.shape),
+                           _to_numpy(value)) for name, value in items])
+    update_state(prefix)
 
 
-def _to_torch(array: np.ndarray) -> Tensor:
-    if array.dtype.name == "bfloat16":       # ml_dtypes' bfloat16: same bits as torch's
-        return torch.from_numpy(array.view(np.int16).copy()).view(torch.bfloat16)
-    return torch.from_numpy(np.array(array, copy=True))
+DTYPES_BY_NAME = {d.name: d.number for d in DTYPES.values()}
+
+
+def _to_torch(array: np.ndarray, dtype: torch.dtype) -> Tensor:
+    if not (array.flags.writeable and array.flags.aligned and array.flags.c_contiguous):
+        array = array.copy(order="C")       # (np.ascontiguousarray would make scalars 1-d)
+    tensor = torch.from_numpy(array)
+    return tensor if tensor.dtype == dtype else tensor.view(dtype)
 
 
 def _to_numpy(tensor: Tensor) -> np.ndarray:
     tensor = tensor.detach().cpu().contiguous()
     if tensor.dtype == torch.bfloat16:
-        import ml_dtypes
-        return tensor.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
+        return tensor.view(torch.uint16).numpy()
+    if tensor.dtype.is_floating_point and tensor.element_size() == 1:     # float8 types
+        return tensor.view(torch.uint8).numpy()
     return tensor.numpy()
