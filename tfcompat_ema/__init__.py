@@ -9,11 +9,12 @@
 'w/ExponentialMovingAverage'
 """
 from .ema import AUTO, ExponentialMovingAverage
+from .keras_ema import KerasEMA
 from .module import EMAModule
 from .name_map import MappingError, NameMap, Report, Rule
 from .tf_checkpoint import CheckpointError, TFCheckpoint, read_checkpoint, write_checkpoint
 
-__all__ = ["AUTO", "EMAModule", "ExponentialMovingAverage",
+__all__ = ["AUTO", "EMAModule", "ExponentialMovingAverage", "KerasEMA",
            "NameMap", "Rule", "Report", "MappingError",
            "read_checkpoint", "write_checkpoint", "TFCheckpoint", "CheckpointError"]
 __version__ = "0.1.0"

@@ -156,3 +156,37 @@ def zero_debias_(batch: kernels.Batch, local_steps: Sequence[torch.Tensor],
     # state_ops.assign(v, update_biased / bias_factor)
     # (XLA: the assign_sub contracted to one FMA as in assign_moving_average_)
     batch.zero_debias_(d, factors, xla=xla)
+
+
+# ---------------------------------------------------------------------- Keras use_ema
+def keras_weights(ema_momentum: float, iterations: int, dtype: torch.dtype, flavour: str):
+    """The momentum and ``1 - momentum`` of a Keras optimizer's EMA step, 0-dim ``dtype`` tensors.
+
+    >>> keras_weights(0.99, 0, torch.float32, "keras3")       # first step copies
+    (tensor(0.), tensor(1.))
+    >>> m, w = keras_weights(0.99, 5, torch.float32, "tf_keras")
+    >>> float(w) == float(torch.tensor(1 - 0.99, dtype=torch.float32))
+    True
+    """
+    if flavour == "keras3":
+        # momentum = ops.multiply(ops.cast(not_equal(iterations, 0), var.dtype), ema_momentum)
+        m = torch.tensor(float(iterations != 0), dtype=dtype) * torch.tensor(ema_momentum,
+                                                                             dtype=dtype)
+        # ops.subtract(1, momentum)   (in the variable dtype)
+        return m, torch.tensor(1, dtype=dtype) - m
+    # tf_keras: self.ema_momentum * average + (1 - self.ema_momentum) * var  (Python floats)
+    return torch.tensor(ema_momentum, dtype=dtype), torch.tensor(1 - ema_momentum, dtype=dtype)
+
+
+def keras_average_(average: torch.Tensor, value: torch.Tensor, m: torch.Tensor,
+                   w: torch.Tensor, xla: bool = False) -> None:
+    """``average = m * average + w * value`` as Keras rounds it, in place.
+
+    Eager: ``r(r(m * a) + r(w * v))``; XLA (float32 only): ``fma(m, a, r(w * v))``.
+    """
+    if not xla:
+        # average.assign(ops.add(ops.multiply(momentum, average), ops.multiply(1 - m, var)))
+        average.copy_(torch.add(torch.mul(m, average), torch.mul(w, value)))
+    else:
+        # XLA: add(multiply(m, a), multiply(w, v)) contracted into fma(m, a, multiply(w, v))
+        average.copy_(kernels.fma32(m.expand_as(average), average, torch.mul(w, value)))
