@@ -8,7 +8,7 @@ import argparse
 import time
 from pathlib import Path
 
-from . import bidaf, naming, report, run, scenarios as sc, tf_side
+from . import bidaf, flavours, naming, report, run, scenarios as sc, tf_side
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -31,9 +31,12 @@ def main(argv=None) -> int:
     if args.steps:
         scenarios = [s.with_steps(args.steps) for s in scenarios]
     scenarios = [sc.Scenario(**{**s.__dict__, "seed": args.seed}) for s in scenarios]
+    flavour_cases = flavours.select(flavours.cases(args.quick), args.select)
     if args.list:
         for s in scenarios:
             print(f"{s.name}[{s.dtype}]  {s.kind}/{s.tf_mode}  {s.steps} steps")
+        for c in flavour_cases:
+            print(f"{c.name}[{c.scenario.dtype}]  flavour  {c.scenario.steps} steps")
         return 0
     tf = tf_side.import_tf()
     import torch
@@ -44,6 +47,10 @@ def main(argv=None) -> int:
           f"{len(scenarios)} scenarios")
     table.header()
     outcomes = run.run_all(scenarios, table.row)
+    if flavour_cases:    # XLA-compiled TF and Keras use_ema (parity/flavours.py)
+        flavour_outcomes = flavours.run_all(flavour_cases, table.row, args.seed)
+        print("\n".join(flavours.describe(flavour_outcomes, flavour_cases)))
+        outcomes += flavour_outcomes
     names = naming.compare_naming()
     print(f"naming: {'identical' if names['match'] else 'DIFFERENT'} "
           f"({names['keys']} keys compared)")

@@ -9,12 +9,13 @@
 'w/ExponentialMovingAverage'
 """
 from .ema import AUTO, ExponentialMovingAverage
+from .keras_ema import KerasEMA
 from .kernels import fused_available
 from .module import EMAModule
 from .name_map import MappingError, NameMap, Report, Rule
 from .tf_checkpoint import CheckpointError, TFCheckpoint, read_checkpoint, write_checkpoint
 
-__all__ = ["AUTO", "EMAModule", "ExponentialMovingAverage", "fused_available",
+__all__ = ["AUTO", "EMAModule", "ExponentialMovingAverage", "KerasEMA", "fused_available",
            "NameMap", "Rule", "Report", "MappingError",
            "read_checkpoint", "write_checkpoint", "TFCheckpoint", "CheckpointError"]
 __version__ = "0.1.0"

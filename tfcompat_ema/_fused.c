@@ -5,6 +5,15 @@
  *                                                           by the caller from local_step)
  *
  * Built with -ffp-contract=off: a fused multiply-add would round once where TF rounds twice.
+ * The XLA variants reproduce TF's update as XLA compiles it on the CPU (jit_compile=True):
+ *
+ *   float32/float64:  s = fma(-(s - v), d, s)   one rounding for the multiply and the subtract
+ *                                              (explicit C99 fma/fmaf, exact, under FTZ/DAZ)
+ *   float16:          s = fma16(-r16(s - v), d, s)   the difference rounded to half, then
+ *                     one fused multiply-add rounded once to half
+ *   bfloat16:         as without XLA (XLA rounds every op to bfloat16)
+ *
+ * the debiased update with the same biased step, the division as without XLA.
  * TF runs its CPU kernels with denormals flushed to zero (FTZ and DAZ set on its threads), so
  * these kernels set the same two MXCSR bits on each of their threads and restore them after.
  * float16 and bfloat16 are computed in float32 and rounded to nearest-even after every op, as
@@ -16,6 +25,7 @@
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <stdint.h>
+#include <math.h>
 #include <string.h>
 #ifdef _OPENMP
 #include <omp.h>
@@ -94,6 +104,26 @@ static inline uint16_t float_to_bfloat(float f) {
 DEFINE_FLOAT_LOOPS(f32, float)
 DEFINE_FLOAT_LOOPS(f64, double)
 
+/* XLA on the CPU: HLO subtract(s, multiply(subtract(s, v), d)), contracted by LLVM into one
+   fused multiply-add. C99 fma/fmaf round once, as the instruction does. */
+#define DEFINE_FMA_LOOPS(NAME, T, FMA)                                                   \
+    static void NAME##_average_xla(T *s, const T *v, int64_t n, T d) {                  \
+        for (int64_t i = 0; i < n; i++) {                                                \
+            T diff = s[i] - v[i];                                                        \
+            s[i] = FMA(-diff, d, s[i]);                                                  \
+        }                                                                                \
+    }                                                                                    \
+    static void NAME##_debias_xla(T *s, T *b, const T *v, int64_t n, T d, T factor) {   \
+        for (int64_t i = 0; i < n; i++) {                                                \
+            T diff = b[i] - v[i];                                                        \
+            T biased = FMA(-diff, d, b[i]);                                              \
+            b[i] = biased;                                                               \
+            s[i] = biased / factor;                                                      \
+        }                                                                                \
+    }
+DEFINE_FMA_LOOPS(f32, float, fmaf)
+DEFINE_FMA_LOOPS(f64, double, fma)
+
 #define DEFINE_16BIT_LOOPS(NAME, TO_FLOAT, FROM_FLOAT)                                   \
     static void NAME##_average(uint16_t *s, const uint16_t *v, int64_t n, float d) {    \
         for (int64_t i = 0; i < n; i++) {                                                \
@@ -117,12 +147,39 @@ DEFINE_FLOAT_LOOPS(f64, double)
 DEFINE_16BIT_LOOPS(f16, half_to_float, float_to_half)
 DEFINE_16BIT_LOOPS(bf16, bfloat_to_float, float_to_bfloat)
 
+/* XLA's float16 (measured): the difference rounded to half, then one fused multiply-add
+   rounded once to half. The product and sum are exact in double (11-bit operands); double
+   is rounded to float to odd, then float to half to nearest even: one correct rounding. */
+static inline uint16_t double_to_half(double x) {
+    float f = (float)x;
+    if ((double)f != x && (float_to_bits(f) & 1u) == 0 && f == f && f - f == 0)
+        f = nextafterf(f, x > (double)f ? INFINITY : -INFINITY);
+    return float_to_half(f);
+}
+static void f16_average_xla(uint16_t *s, const uint16_t *v, int64_t n, float d) {
+    for (int64_t i = 0; i < n; i++) {
+        float shadow = half_to_float(s[i]);
+        float diff = half_to_float(float_to_half(shadow - half_to_float(v[i])));
+        s[i] = double_to_half((double)shadow - (double)diff * (double)d);
+    }
+}
+static void f16_debias_xla(uint16_t *s, uint16_t *b, const uint16_t *v, int64_t n, float d,
+                           float factor) {
+    for (int64_t i = 0; i < n; i++) {
+        float biased = half_to_float(b[i]);
+        float diff = half_to_float(float_to_half(biased - half_to_float(v[i])));
+        uint16_t updated = double_to_half((double)biased - (double)diff * (double)d);
+        b[i] = updated;
+        s[i] = float_to_half(half_to_float(updated) / factor);
+    }
+}
+
 static const int64_t ITEM_SIZE[] = {4, 8, 2, 2};
 
 /* Elements [begin, end) of the concatenated tensors. */
 static void run_range(int dtype, int64_t ntensors, void *const *shadows, void *const *biased,
                       const void *const *values, const int64_t *numels, double d,
-                      const double *factors, int64_t begin, int64_t end) {
+                      const double *factors, int xla, int64_t begin, int64_t end) {
     int64_t offset = 0;
     for (int64_t t = 0; t < ntensors && offset < end; offset += numels[t], t++) {
         int64_t lo = begin > offset ? begin - offset : 0;
@@ -134,18 +191,24 @@ static void run_range(int dtype, int64_t ntensors, void *const *shadows, void *c
         char *b = biased ? (char *)biased[t] + at : NULL;
         switch (dtype) {
         case F32:
-            if (b) f32_debias((float *)s, (float *)b, (const float *)v, n, (float)d, (float)factors[t]);
+            if (b && xla) f32_debias_xla((float *)s, (float *)b, (const float *)v, n, (float)d, (float)factors[t]);
+            else if (b) f32_debias((float *)s, (float *)b, (const float *)v, n, (float)d, (float)factors[t]);
+            else if (xla) f32_average_xla((float *)s, (const float *)v, n, (float)d);
             else f32_average((float *)s, (const float *)v, n, (float)d);
             break;
         case F64:
-            if (b) f64_debias((double *)s, (double *)b, (const double *)v, n, d, factors[t]);
+            if (b && xla) f64_debias_xla((double *)s, (double *)b, (const double *)v, n, d, factors[t]);
+            else if (b) f64_debias((double *)s, (double *)b, (const double *)v, n, d, factors[t]);
+            else if (xla) f64_average_xla((double *)s, (const double *)v, n, d);
             else f64_average((double *)s, (const double *)v, n, d);
             break;
         case F16:
-            if (b) f16_debias((uint16_t *)s, (uint16_t *)b, (const uint16_t *)v, n, (float)d, (float)factors[t]);
+            if (b && xla) f16_debias_xla((uint16_t *)s, (uint16_t *)b, (const uint16_t *)v, n, (float)d, (float)factors[t]);
+            else if (b) f16_debias((uint16_t *)s, (uint16_t *)b, (const uint16_t *)v, n, (float)d, (float)factors[t]);
+            else if (xla) f16_average_xla((uint16_t *)s, (const uint16_t *)v, n, (float)d);
             else f16_average((uint16_t *)s, (const uint16_t *)v, n, (float)d);
             break;
-        case BF16:
+        case BF16:   /* XLA rounds every bfloat16 op: the same arithmetic with or without it */
             if (b) bf16_debias((uint16_t *)s, (uint16_t *)b, (const uint16_t *)v, n, (float)d, (float)factors[t]);
             else bf16_average((uint16_t *)s, (const uint16_t *)v, n, (float)d);
             break;
@@ -168,14 +231,14 @@ static int get_buffer(PyObject *obj, Py_buffer *view, Py_ssize_t item, Py_ssize_
     return 0;
 }
 
-/* update(dtype, shadows, biased_or_None, values, numels, d, factors_or_None, threads)
-   pointer arrays are uint64 buffers, numels int64, factors float64. */
+/* update(dtype, shadows, biased_or_None, values, numels, d, factors_or_None, threads[, xla])
+   pointer arrays are uint64 buffers, numels int64, factors float64; xla: 1 for XLA's form. */
 static PyObject *update(PyObject *self, PyObject *args) {
-    int dtype, threads;
+    int dtype, threads, xla = 0;
     double d;
     PyObject *shadows_obj, *biased_obj, *values_obj, *numels_obj, *factors_obj;
-    if (!PyArg_ParseTuple(args, "iOOOOdOi", &dtype, &shadows_obj, &biased_obj, &values_obj,
-                          &numels_obj, &d, &factors_obj, &threads))
+    if (!PyArg_ParseTuple(args, "iOOOOdOi|p", &dtype, &shadows_obj, &biased_obj, &values_obj,
+                          &numels_obj, &d, &factors_obj, &threads, &xla))
         return NULL;
     if (dtype < F32 || dtype > BF16) return PyErr_Format(PyExc_ValueError, "bad dtype code %d", dtype);
     int debias = biased_obj != Py_None;
@@ -229,14 +292,14 @@ static PyObject *update(PyObject *self, PyObject *args) {
             int64_t team = omp_get_num_threads(), me = omp_get_thread_num();
             int64_t begin = total * me / team, end = total * (me + 1) / team;
             FLUSH_BEGIN
-            run_range(dtype, ntensors, shadows, biased, values, numels, d, factors, begin, end);
+            run_range(dtype, ntensors, shadows, biased, values, numels, d, factors, xla, begin, end);
             FLUSH_END
         }
     } else
 #endif
     {
         FLUSH_BEGIN
-        run_range(dtype, ntensors, shadows, biased, values, numels, d, factors, 0, total);
+        run_range(dtype, ntensors, shadows, biased, values, numels, d, factors, xla, 0, total);
         FLUSH_END
     }
     Py_END_ALLOW_THREADS

@@ -48,6 +48,8 @@ class ExponentialMovingAverage(EvaluationMixin):
             (they start at zero); variables' averages start at the variable and are never
             debiased, as in TF.
         name: the suffix of every average's name, ``"<variable name>/<name>"``.
+        xla: update as TF does when XLA compiles it on the CPU (``jit_compile=True``), see
+            :func:`tfcompat_ema.tf_math.assign_moving_average_`.
 
     Variables are tracked by reference: ``apply`` reads their current values each time.
 
@@ -67,13 +69,16 @@ class ExponentialMovingAverage(EvaluationMixin):
     """
 
     def __init__(self, decay, num_updates=None, zero_debias: bool = False,
-                 name: str = "ExponentialMovingAverage"):
+                 name: str = "ExponentialMovingAverage", xla: bool = False):
         if not callable(decay):
             check.check_decay(decay)
         if not (num_updates is None or _is_auto(num_updates) or callable(num_updates)):
             check.check_num_updates(num_updates)
         check.check_zero_debias(zero_debias)
         check.check_name(name)
+        if not isinstance(xla, bool):
+            raise TypeError(f"xla must be a bool, got {type(xla).__name__}")
+        self._xla = xla
         self._decay = decay
         self._num_updates = AUTO if _is_auto(num_updates) else num_updates
         self._zero_debias = bool(zero_debias)
@@ -94,6 +99,7 @@ class ExponentialMovingAverage(EvaluationMixin):
 
     def __setstate__(self, state):
         self.__dict__.update(state)
+        self.__dict__.setdefault("_xla", False)
         self._lock = threading.RLock()
         self._plans = {}
         self._names_by_id = {id(s.var): n for n, s in self._slots.items() if s.var is not None}
@@ -130,7 +136,8 @@ class ExponentialMovingAverage(EvaluationMixin):
                 plan = self._plan(pairs, var_list)
                 self._plans[key] = plan
             for dtype, batch in plan.batches:
-                tf_math.assign_moving_average_(batch, tf_math.update_weight(decay, dtype))
+                tf_math.assign_moving_average_(batch, tf_math.update_weight(decay, dtype),
+                                               self._xla)
             self._update_count += 1
 
     def _plan(self, pairs: Optional[List[Tuple[str, Tensor]]], var_list) -> Plan:
@@ -179,9 +186,9 @@ class ExponentialMovingAverage(EvaluationMixin):
                 batch = kernels.Batch([s.shadow for s in group], [values[s.name] for s in group],
                                       biased=[s.biased for s in group] if debias else None)
                 if debias:
-                    tf_math.zero_debias_(batch, [s.local_step for s in group], d)
+                    tf_math.zero_debias_(batch, [s.local_step for s in group], d, self._xla)
                 else:
-                    tf_math.assign_moving_average_(batch, d)
+                    tf_math.assign_moving_average_(batch, d, self._xla)
             self._update_count += 1
 
     def _check_update(self, pairs: List[Tuple[str, Tensor]], variables: bool) -> None:
@@ -189,6 +196,8 @@ class ExponentialMovingAverage(EvaluationMixin):
         kind = "variable" if variables else "tensor"
         for name, value in pairs:
             check.check_tensor(name, value, what=kind)
+            if self._xla:
+                kernels.check_xla(name, value)
             slot = self._slots.get(name)
             if slot is None:
                 self._check_new(name, value, variables)

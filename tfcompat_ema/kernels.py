@@ -10,6 +10,12 @@ Two exact implementations of the same per-op formula:
   layouts the flat kernel cannot walk, and where the kernel was not built. It walks the
   lists in chunks of at most ``CHUNK_BYTES`` so that its temporaries stay small.
 
+With ``xla=True`` both compute TF's update as XLA compiles it on the CPU (see
+:mod:`tfcompat_ema.tf_math`): one fused multiply-add for float32/float64 (C99 ``fma`` in the
+kernel; on the torch path float32 is rounded to odd in float64 and then to float32, which is
+exact, and float64 is refused); float16: the difference rounded to half, then one fused
+multiply-add rounded once to half.
+
 A :class:`Batch` groups tensors of one device and dtype and prepares them once, so that
 repeated updates of the same tensors do no per-tensor work in Python.
 """
@@ -92,6 +98,10 @@ class Batch:
             self._pointers = [_pointers(pick(self.shadows)), _pointers(pick(self.values)),
                               None if biased is None else _pointers(pick(self.biased))]
 
+    def _check_xla(self, xla: bool) -> None:
+        if xla and self._torch_index:
+            _check_xla_batch(self.shadows[0].dtype, torch_path=True)
+
     def _fusable(self) -> List[int]:
         """The pairs the flat kernel can walk: plain, non-empty tensors with memory of their
         own (a DTensor's address is 0), the value dense and laid out like its shadow."""
@@ -101,26 +111,33 @@ class Batch:
                 and s.numel() > 0 and s.stride() == v.stride()
                 and (v.is_contiguous() or _dense(v)) and (b is None or b.stride() == s.stride())]
 
-    def moving_average_(self, d: torch.Tensor) -> None:
-        """``s -= (s - v) * d`` for every pair; ``d`` is a 0-dim tensor of the batch dtype."""
+    def moving_average_(self, d: torch.Tensor, xla: bool = False) -> None:
+        """``s -= (s - v) * d`` for every pair; ``d`` is a 0-dim tensor of the batch dtype.
+
+        ``xla``: XLA's form of the update (see the module docstring)."""
+        self._check_xla(xla)
         if self._fused_index:
             shadows, values, _ = self._pointers
             _fused.update(self._code, shadows, None, values, self._numels, float(d), None,
-                          torch.get_num_threads())
+                          torch.get_num_threads(), xla)
         if self._torch_index:
-            torch_moving_average_([self.shadows[i] for i in self._torch_index],
-                                  [self.values[i] for i in self._torch_index], d)
+            update = torch_moving_average_xla_ if xla else torch_moving_average_
+            update([self.shadows[i] for i in self._torch_index],
+                   [self.values[i] for i in self._torch_index], d)
 
-    def zero_debias_(self, d: torch.Tensor, factors: Sequence[torch.Tensor]) -> None:
+    def zero_debias_(self, d: torch.Tensor, factors: Sequence[torch.Tensor],
+                     xla: bool = False) -> None:
         """``b -= (b - v) * d; s = b / factor`` for every triple (0-dim factors, one each)."""
+        self._check_xla(xla)
         if self._fused_index:
             shadows, values, biased = self._pointers
             factor_values = array("d", (float(factors[i]) for i in self._fused_index))
             _fused.update(self._code, shadows, biased, values, self._numels, float(d),
-                          factor_values, torch.get_num_threads())
+                          factor_values, torch.get_num_threads(), xla)
         if self._torch_index:
             rest = self._torch_index
-            torch_moving_average_([self.biased[i] for i in rest], [self.values[i] for i in rest], d)
+            update = torch_moving_average_xla_ if xla else torch_moving_average_
+            update([self.biased[i] for i in rest], [self.values[i] for i in rest], d)
             for i in rest:
                 torch.div(self.biased[i], factors[i], out=self.shadows[i])
 
@@ -132,6 +149,75 @@ def torch_moving_average_(shadows: Sequence[torch.Tensor], values: Sequence[torc
         diffs = torch._foreach_sub(shadow_chunk, value_chunk)
         torch._foreach_mul_(diffs, d)
         torch._foreach_sub_(shadow_chunk, diffs)
+
+
+def _check_xla_batch(dtype: torch.dtype, torch_path: bool) -> None:
+    if torch_path and dtype == torch.float64:
+        raise NotImplementedError(
+            "xla=True on float64 needs the compiled CPU kernel (tfcompat_ema._fused) and "
+            "dense CPU tensors laid out like their averages: the torch path has no exact "
+            "float64 fused multiply-add")
+
+
+def check_xla(name: str, tensor: torch.Tensor) -> None:
+    """Refuse (before anything changes) a tensor that ``xla=True`` cannot update exactly."""
+    if tensor.dtype == torch.float64 and not (
+            fused_available() and tensor.device.type == "cpu" and _plain(tensor)
+            and (tensor.is_contiguous() or _dense(tensor))):
+        raise NotImplementedError(
+            f"{name!r}: xla=True on float64 needs the compiled CPU kernel "
+            f"(built: {fused_available()}) and a dense CPU tensor, got a "
+            f"{type(tensor).__name__} on {tensor.device} with strides {tuple(tensor.stride())}")
+
+
+def torch_moving_average_xla_(shadows: Sequence[torch.Tensor], values: Sequence[torch.Tensor],
+                              d: torch.Tensor) -> None:
+    """XLA's ``s -= (s - v) * d`` (see the module docstring) with torch ops."""
+    for shadow, value in zip(shadows, values):
+        if shadow.dtype == torch.float32:
+            shadow.copy_(fma32(shadow - value, -d, shadow))
+        elif shadow.dtype == torch.float16:
+            diff = (shadow - value).double()         # rounded to half; below, exact in double
+            shadow.copy_(_odd_float(shadow.double() - diff * d.double()).half())
+        elif shadow.dtype == torch.bfloat16:
+            torch_moving_average_([shadow], [value], d)
+        else:
+            _check_xla_batch(shadow.dtype, torch_path=True)
+
+
+def fma32(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    """``a * b + c`` rounded once to float32 (float32 tensors, broadcast).
+
+    The product is exact in float64; the sum is rounded to odd there (nearest, then one
+    step toward the exact sum's TwoSum error when inexact and even), and round-to-odd in
+    53 bits followed by round-to-nearest in 24 is one correct rounding (Boldo & Melquiond).
+
+    >>> import torch
+    >>> a = torch.tensor([1 + 2 ** -12]); c = torch.tensor([-(1 + 2 ** -11)])
+    >>> float(fma32(a, a, c)) == 2.0 ** -24      # a*a + c is exactly 2**-24
+    True
+    """
+    a64, b64, c64 = a.double(), b.double(), c.double()
+    p = a64 * b64
+    s = p + c64
+    bb = s - p
+    err = (p - (s - bb)) + (c64 - bb)
+    return _to_odd(s, err).float()
+
+
+def _to_odd(x: torch.Tensor, err: torch.Tensor) -> torch.Tensor:
+    """``x`` (rounded to nearest, ``err`` short of exact) rounded to odd instead."""
+    bits = x.view(torch.int64 if x.dtype == torch.float64 else torch.int32)
+    fix = (err != 0) & ((bits & 1) == 0) & torch.isfinite(x) & torch.isfinite(err)
+    toward = torch.where(err > 0, torch.full_like(x, float("inf")), torch.full_like(x, -float("inf")))
+    return torch.where(fix, torch.nextafter(x, toward), x)
+
+
+def _odd_float(x: torch.Tensor) -> torch.Tensor:
+    """A float64 tensor rounded to odd in float32 (then one rounding to a narrower type is
+    a correct rounding of ``x``)."""
+    f = x.float()
+    return _to_odd(f, (x - f.double()).float())
 
 
 def _chunks(shadows: Sequence[torch.Tensor], values: Sequence[torch.Tensor]

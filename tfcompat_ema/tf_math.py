@@ -102,13 +102,33 @@ def _host_update_weight(decay: np.float32, dtype: torch.dtype) -> torch.Tensor:
     return torch.as_tensor(np.float32(1.0) - decay).to(dtype)
 
 
-def assign_moving_average_(batch: kernels.Batch, d: torch.Tensor) -> None:
+def assign_moving_average_(batch: kernels.Batch, d: torch.Tensor, xla: bool = False) -> None:
     """``shadow -= (shadow - value) * d`` for each pair of the batch, in place.
 
-    ``d`` is a 0-dim tensor of the batch dtype (see :func:`update_weight`).
+    ``d`` is a 0-dim tensor of the batch dtype (see :func:`update_weight`). ``xla``: the
+    update as XLA compiles it on the CPU (``tf.function(jit_compile=True)``, TF 2.21):
+
+    * float32/float64: ``fma(-(shadow - value), d, shadow)``, rounded once;
+    * float16: ``fma16(-r16(shadow - value), d, shadow)``: one fused multiply-add rounded
+      once to half (measured; not the eager float16 form);
+    * bfloat16: as without XLA (every op rounded to bfloat16).
+
+    >>> import torch
+    >>> from tfcompat_ema import kernels
+    >>> d = update_weight(float32_decay(0.9), torch.float32)
+    >>> eager, xla = torch.tensor([0.25]), torch.tensor([0.25])
+    >>> value = torch.tensor([1.1])
+    >>> assign_moving_average_(kernels.Batch([eager], [value]), d)
+    >>> assign_moving_average_(kernels.Batch([xla], [value]), d, xla=True)
+    >>> float(eager), float(xla)                  # two roundings, one
+    (0.33500003814697266, 0.33500000834465027)
     """
-    # state_ops.assign_sub(v, (v - value) * decay)
-    batch.moving_average_(d)
+    if not xla:
+        # state_ops.assign_sub(v, (v - value) * decay)
+        batch.moving_average_(d)
+    else:
+        # XLA: subtract(v, multiply(subtract(v, value), decay)), contracted to one FMA
+        batch.moving_average_(d, xla=True)
 
 
 def bias_correction(d: torch.Tensor, local_step: torch.Tensor) -> torch.Tensor:
@@ -118,12 +138,14 @@ def bias_correction(d: torch.Tensor, local_step: torch.Tensor) -> torch.Tensor:
 
 
 def zero_debias_(batch: kernels.Batch, local_steps: Sequence[torch.Tensor],
-                 d: torch.Tensor) -> None:
+                 d: torch.Tensor, xla: bool = False) -> None:
     """TF's ``_zero_debias`` update for shadows of non-variable tensors, in place.
 
     The batch holds the shadows, their ``biased`` (zero-started) averages and the values;
     ``local_steps`` are the 0-dim step counts, kept in the variable dtype as TF keeps
-    them (so float16 stops counting at 2048 and bfloat16 at 256).
+    them (so float16 stops counting at 2048 and bfloat16 at 256). ``xla``: the biased
+    update in XLA's form (see :func:`assign_moving_average_`); XLA leaves ``pow`` and the
+    division as they are (TF1 graph under ``jit_scope``, TF 2.21, CPU).
     """
     factors = []
     for local_step in local_steps:
@@ -132,4 +154,39 @@ def zero_debias_(batch: kernels.Batch, local_steps: Sequence[torch.Tensor],
         factors.append(bias_correction(d, local_step))
     # update_biased = state_ops.assign_sub(biased_var, (biased_var - value) * decay)
     # state_ops.assign(v, update_biased / bias_factor)
-    batch.zero_debias_(d, factors)
+    # (XLA: the assign_sub contracted to one FMA as in assign_moving_average_)
+    batch.zero_debias_(d, factors, xla=xla)
+
+
+# ---------------------------------------------------------------------- Keras use_ema
+def keras_weights(ema_momentum: float, iterations: int, dtype: torch.dtype, flavour: str):
+    """The momentum and ``1 - momentum`` of a Keras optimizer's EMA step, 0-dim ``dtype`` tensors.
+
+    >>> keras_weights(0.99, 0, torch.float32, "keras3")       # first step copies
+    (tensor(0.), tensor(1.))
+    >>> m, w = keras_weights(0.99, 5, torch.float32, "tf_keras")
+    >>> float(w) == float(torch.tensor(1 - 0.99, dtype=torch.float32))
+    True
+    """
+    if flavour == "keras3":
+        # momentum = ops.multiply(ops.cast(not_equal(iterations, 0), var.dtype), ema_momentum)
+        m = torch.tensor(float(iterations != 0), dtype=dtype) * torch.tensor(ema_momentum,
+                                                                             dtype=dtype)
+        # ops.subtract(1, momentum)   (in the variable dtype)
+        return m, torch.tensor(1, dtype=dtype) - m
+    # tf_keras: self.ema_momentum * average + (1 - self.ema_momentum) * var  (Python floats)
+    return torch.tensor(ema_momentum, dtype=dtype), torch.tensor(1 - ema_momentum, dtype=dtype)
+
+
+def keras_average_(average: torch.Tensor, value: torch.Tensor, m: torch.Tensor,
+                   w: torch.Tensor, xla: bool = False) -> None:
+    """``average = m * average + w * value`` as Keras rounds it, in place.
+
+    Eager: ``r(r(m * a) + r(w * v))``; XLA (float32 only): ``fma(m, a, r(w * v))``.
+    """
+    if not xla:
+        # average.assign(ops.add(ops.multiply(momentum, average), ops.multiply(1 - m, var)))
+        average.copy_(torch.add(torch.mul(m, average), torch.mul(w, value)))
+    else:
+        # XLA: add(multiply(m, a), multiply(w, v)) contracted into fma(m, a, multiply(w, v))
+        average.copy_(kernels.fma32(m.expand_as(average), average, torch.mul(w, value)))
