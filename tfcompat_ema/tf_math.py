@@ -14,8 +14,8 @@ with denormals flushed to zero, as TF's CPU kernels run).
 >>> import torch
 >>> from tfcompat_ema import kernels, tf_math
 >>> decay = tf_math.float32_decay(0.999, num_updates=5)   # min(0.999, 6/15)
->>> decay
-np.float32(0.4)
+>>> print(decay, decay.dtype)
+0.4 float32
 >>> d = tf_math.update_weight(decay, torch.float32)         # float32(1) - decay
 >>> shadow, value = torch.tensor([1.0]), torch.tensor([0.0])
 >>> tf_math.assign_moving_average_(kernels.Batch([shadow], [value]), d)
@@ -53,7 +53,9 @@ def float32_decay(decay, num_updates=None):
         n = np.float32(np.int64(num_updates)) if on_host else torch.as_tensor(
             num_updates, dtype=torch.int64, device=decay.device).to(torch.float32)
         # decay = math_ops.minimum(decay, (1.0 + num_updates) / (10.0 + num_updates))
-        decay = (np.minimum if on_host else torch.minimum)(decay, (1.0 + n) / (10.0 + n))
+        # (float32 constants: numpy 1.x promotes a Python float and a float32 scalar to float64)
+        one, ten = (np.float32(1), np.float32(10)) if on_host else (1.0, 10.0)
+        decay = (np.minimum if on_host else torch.minimum)(decay, (one + n) / (ten + n))
     return decay
 
 
