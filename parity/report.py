@@ -11,7 +11,7 @@ from .scenarios import Outcome
 
 COLUMNS = ("scenario", "dtype", "impl", "steps", "bit-exact", "max ULP", "max abs diff",
            "first diff step")
-WIDTHS = (34, 8, 28, 6, 9, 8, 12, 15)
+WIDTHS = (40, 8, 28, 6, 9, 8, 12, 15)
 
 
 def _cells(o: Outcome) -> List[str]:

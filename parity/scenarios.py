@@ -2,7 +2,8 @@
 
 A scenario fixes everything both frameworks see: dtype, whether the averaged things are
 variables (``apply``) or non-variable tensors (``apply_tensors``, TF graph mode), TF's
-execution mode, shapes, steps, the decay (constant or changed mid-run), ``num_updates``,
+execution mode, shapes, steps, the decay (constant or changed mid-run), ``num_updates``
+(the counts, and how they are fed: a tensor, a host int, ``"auto"`` or a callable),
 ``zero_debias`` and the value regime. ``values(scenario)`` makes the sequences; both
 sides get exactly the same numbers, already representable in the dtype.
 """
@@ -15,6 +16,12 @@ import numpy as np
 import torch
 
 DTYPES = ("float32", "float64", "float16", "bfloat16")
+COUNT_MODES = ("const", "step", "above_2**24", "2**24..2**31")
+#: How our EMA is given ``num_updates``: a 0-dim int64 tensor filled at each step, a host
+#: Python int (one count), ``"auto"`` (its own count, started with ``load_state_dict``) or a
+#: callable returning a Python int. TF gets a Python int for "int", else an int64 variable
+#: (eager) or placeholder (graph).
+FEEDS = ("tensor", "int", "auto", "callable")
 REGIMES = ("normal", "large", "tiny", "constant", "naninf", "overflow")
 SHAPES_MIXED = ((), (5,), (3, 4), (0,), (2, 0, 3))
 SHAPES_MANY_SMALL = tuple((i % 7 + 1,) for i in range(40))
@@ -30,7 +37,9 @@ class Scenario:
     shapes: Tuple[Tuple[int, ...], ...] = SHAPES_MIXED
     decay: float = 0.99
     decay_later: Optional[float] = None   # set: decay is a tensor, changed at steps // 2
-    num_updates: Optional[str] = None     # None, "const", "step", "above_2**24"
+    num_updates: Optional[str] = None     # None or one of COUNT_MODES: the counts
+    count_start: Optional[int] = None     # "const": the count; "step": the first count
+    feed: str = "tensor"                  # one of FEEDS: how ours gets num_updates
     zero_debias: bool = False
     regime: str = "normal"
     seed: int = 0
@@ -48,17 +57,26 @@ class Scenario:
         return decays
 
     def num_updates_at(self) -> Optional[List[int]]:
-        """The ``num_updates`` at each step, or None."""
+        """The ``num_updates`` at each step (Python ints), or None."""
         if self.num_updates is None:
             return None
         if self.num_updates == "const":
-            return [100] * self.steps
-        if self.num_updates == "step":
-            return list(range(self.steps))
-        if self.num_updates == "above_2**24":   # crosses 2**24, then odd counts that round
+            counts = [100 if self.count_start is None else self.count_start] * self.steps
+        elif self.num_updates == "step":      # consecutive, as "auto" counts
+            counts = list(range(self.count_start or 0, (self.count_start or 0) + self.steps))
+        elif self.num_updates == "above_2**24":   # crosses 2**24, then odd counts that round
             start = 2 ** 24 - self.steps // 2
-            return [start + 3 * i for i in range(self.steps)]
-        raise ValueError(f"unknown num_updates mode {self.num_updates!r}")
+            counts = [start + 3 * i for i in range(self.steps)]
+        elif self.num_updates == "2**24..2**31":  # spread geometrically, odd: most round
+            counts = [int(c) | 1 for c in np.geomspace(2 ** 24 - 1, 2 ** 31 + 1, self.steps)]
+        else:
+            raise ValueError(f"unknown num_updates mode {self.num_updates!r}")
+        if self.feed == "int" and len(set(counts)) > 1:
+            raise ValueError(f"{self.name}: a host int num_updates is one count, "
+                             f"not {self.num_updates!r}")
+        if self.feed == "auto" and counts != list(range(counts[0], counts[0] + self.steps)):
+            raise ValueError(f"{self.name}: 'auto' counts one by one, not {self.num_updates!r}")
+        return counts
 
     def with_steps(self, steps: int) -> "Scenario":
         return Scenario(**{**self.__dict__, "steps": steps})
@@ -99,6 +117,23 @@ def values(scenario: Scenario) -> List[np.ndarray]:
     return out
 
 
+#: (feed, count mode, count_start, decay) of the host-count scenarios.
+HOST_COUNTS = (
+    ("int", "const", 9, 0.9999), ("int", "const", 4321, 0.9999),
+    ("int", "const", 2 ** 24 + 1, 1.0), ("int", "const", 2 ** 31 + 7, 1.0),
+    ("auto", "step", None, 0.9999), ("auto", "step", 2 ** 24 - 20, 1.0),
+    ("auto", "step", 2 ** 31 - 20, 1.0),
+    ("callable", "step", None, 0.9999), ("callable", "2**24..2**31", None, 1.0),
+)
+
+
+def _count_label(n: int) -> str:
+    for p in (24, 31):
+        if abs(n - 2 ** p) < 1000:
+            return f"2**{p}{n - 2 ** p:+d}"
+    return str(n)
+
+
 def matrix(quick: bool = False) -> List[Scenario]:
     """The default matrix; ``quick`` keeps one slice of each axis, with fewer steps."""
     steps, long_steps = (60, 3000) if quick else (300, 10_000)
@@ -127,6 +162,16 @@ def matrix(quick: bool = False) -> List[Scenario]:
             decay = 1.0 if mode == "above_2**24" else 0.999
             out.append(Scenario(f"num_updates/{mode}", dtype, steps=steps, decay=decay,
                                 num_updates=mode, references=True))
+        # Host counts, the float64-promotion trap of numpy 1.x: a host int, "auto" and a
+        # callable returning an int, across n = 9 at decay 0.9999 and far above 2**24.
+        for feed, mode, start, decay in HOST_COUNTS:
+            label = mode if start is None and mode != "step" else _count_label(start or 0) + (
+                ".." if mode == "step" else "")
+            out.append(Scenario(f"num_updates/{feed}:{label}@{decay}", dtype, steps=steps,
+                                decay=decay, num_updates=mode, count_start=start, feed=feed,
+                                references=feed == "int"))
+        out.append(Scenario("num_updates/auto:0..@0.9999-tensors", dtype, "tensors", steps=steps,
+                            decay=0.9999, num_updates="step", feed="auto", zero_debias=True))
         for regime in REGIMES[1:]:
             out.append(Scenario(f"values/{regime}", dtype, steps=steps, regime=regime,
                                 decay=0.9, references=regime in ("tiny", "constant")))
@@ -142,6 +187,10 @@ def matrix(quick: bool = False) -> List[Scenario]:
     out.append(Scenario("long/many-small", "float32", steps=long_steps // (3 if quick else 1),
                         shapes=SHAPES_MANY_SMALL, decay=0.999, num_updates="step",
                         references=True))
+    # Counts up to a few thousand, fed as Python ints, at the decay they cap for 90,000 steps.
+    for feed in ("auto", "callable"):
+        out.append(Scenario(f"long/{feed}-0.9999", "float32", steps=long_steps, shapes=((4,),),
+                            decay=0.9999, num_updates="step", feed=feed))
     out.append(Scenario("long/variables-bfloat16", "bfloat16", steps=long_steps,
                         shapes=((8,),), decay=0.99, references=True))
     return out

@@ -1,4 +1,9 @@
-"""Runs a scenario through real TensorFlow's ``tf.train.ExponentialMovingAverage``."""
+"""Runs a scenario through real TensorFlow's ``tf.train.ExponentialMovingAverage``.
+
+``num_updates`` reaches TF as a Python int where ours gets one (``feed="int"``), else as an
+int64 variable (eager) or placeholder (graph), set to the count at each step: TF's own way of
+feeding a changing count, as ``"auto"`` and callables are ours.
+"""
 from __future__ import annotations
 
 import os
@@ -47,7 +52,8 @@ def _eager(scenario: Scenario, values, use_function: bool, progress: Progress):
     decays, counts = scenario.decays(), scenario.num_updates_at()
     decay = tf.Variable(decays[0], dtype=tf.float32) if scenario.decay_later is not None \
         else float(scenario.decay)
-    num_updates = None if counts is None else tf.Variable(counts[0], dtype=tf.int64)
+    num_updates = None if counts is None else int(counts[0]) if scenario.feed == "int" \
+        else tf.Variable(counts[0], dtype=tf.int64)
     ema = tf.train.ExponentialMovingAverage(decay, num_updates=num_updates)
 
     def step(new_values):
@@ -61,7 +67,7 @@ def _eager(scenario: Scenario, values, use_function: bool, progress: Progress):
     for t in range(scenario.steps):
         if scenario.decay_later is not None:
             decay.assign(decays[t])
-        if num_updates is not None:
+        if isinstance(num_updates, tf.Variable):
             num_updates.assign(counts[t])
         step([tf.constant(v[t], tf.float64) for v in values])
         for i, var in enumerate(variables):
@@ -81,8 +87,9 @@ def _graph(scenario: Scenario, values, tensors: bool, progress: Progress):
                  for i, v in enumerate(values)]
         decay = v1.placeholder(tf.float32, [], name="decay") \
             if scenario.decay_later is not None else float(scenario.decay)
-        num_updates = v1.placeholder(tf.int64, [], name="num_updates") \
-            if scenario.num_updates is not None else None
+        num_updates = None if scenario.num_updates is None else \
+            int(scenario.num_updates_at()[0]) if scenario.feed == "int" else \
+            v1.placeholder(tf.int64, [], name="num_updates")
         ema = v1.train.ExponentialMovingAverage(decay, num_updates=num_updates,
                                                 zero_debias=scenario.zero_debias)
         if tensors:
@@ -106,7 +113,7 @@ def _graph(scenario: Scenario, values, tensors: bool, progress: Progress):
             feed = {f: v[t] for f, v in zip(feeds, values)}
             if scenario.decay_later is not None:
                 feed[decay] = np.float32(decays[t])
-            if num_updates is not None:
+            if num_updates is not None and scenario.feed != "int":
                 feed[num_updates] = counts[t]
             for i, result in enumerate(session.run(read, feed)):
                 out[i][t] = result

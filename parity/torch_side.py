@@ -45,8 +45,10 @@ def run_ours(scenario: Scenario, values: List[np.ndarray], progress: Progress = 
     decays, counts = scenario.decays(), scenario.num_updates_at()
     decay = torch.tensor(decays[0], dtype=torch.float32) \
         if scenario.decay_later is not None else float(scenario.decay)
-    num_updates = None if counts is None else torch.tensor(counts[0], dtype=torch.int64)
+    num_updates, count = _num_updates(scenario, counts)
     ema = ema_class(decay, num_updates=num_updates, zero_debias=scenario.zero_debias)
+    if scenario.feed == "auto" and counts[0]:    # "auto" resumed at the first count
+        ema.load_state_dict({"num_updates": torch.tensor(counts[0])})
     names = [f"v{i}" for i in range(len(values))]
     feeds = [torch.from_numpy(v).to(dtype) for v in values]
     variables = {n: f[0].clone() for n, f in zip(names, feeds)}
@@ -54,8 +56,12 @@ def run_ours(scenario: Scenario, values: List[np.ndarray], progress: Progress = 
     for t in range(scenario.steps):
         if scenario.decay_later is not None:
             decay.fill_(decays[t])
-        if num_updates is not None:
-            num_updates.fill_(counts[t])
+        if counts is not None:
+            count[0] = counts[t]
+            if isinstance(num_updates, torch.Tensor):
+                num_updates.fill_(counts[t])
+            elif scenario.feed == "auto" and ema.num_updates != counts[t]:
+                raise AssertionError(f"'auto' counted {ema.num_updates}, TF gets {counts[t]}")
         if scenario.kind == "tensors":
             ema.apply_tensors({n: f[t] for n, f in zip(names, feeds)})
         else:
@@ -67,6 +73,22 @@ def run_ours(scenario: Scenario, values: List[np.ndarray], progress: Progress = 
         if progress:
             progress(t)
     return out
+
+
+def _num_updates(scenario: Scenario, counts: Optional[List[int]]):
+    """Our ``num_updates`` as the scenario feeds it, and the one-item list a callable reads."""
+    if counts is None:
+        return None, None
+    count = [counts[0]]
+    if scenario.feed == "tensor":
+        return torch.tensor(counts[0], dtype=torch.int64), count
+    if scenario.feed == "int":
+        return int(counts[0]), count
+    if scenario.feed == "auto":
+        return "auto", count
+    if scenario.feed == "callable":
+        return (lambda: int(count[0])), count
+    raise ValueError(f"unknown num_updates feed {scenario.feed!r}")
 
 
 def run_naive(scenario: Scenario, values: List[np.ndarray], impl: str) -> List[np.ndarray]:

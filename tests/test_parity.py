@@ -1,12 +1,13 @@
 """A quick slice of the parity matrix against real TensorFlow, and the harness itself."""
 import unittest
+from unittest import mock
 
 import numpy as np
 import torch
 from parameterized import parameterized
 
 from parity import compare, naming, run, scenarios as sc
-from tfcompat_ema import ExponentialMovingAverage
+from tfcompat_ema import ExponentialMovingAverage, tf_math
 
 
 def quick_slice():
@@ -14,8 +15,19 @@ def quick_slice():
               ("basic/variables-graph-plain", "bfloat16"), ("basic/tensors-graph-debias", "float16"),
               ("decay/tensor-changed-tensors", "float64"), ("num_updates/above_2**24", "float32"),
               ("values/tiny", "float32"), ("values/tiny", "bfloat16"), ("values/naninf", "float16"),
-              ("values/overflow", "float16"), ("values/large", "float64")}
-    picked = [s.with_steps(40) for s in sc.matrix(quick=True) if (s.name, s.dtype) in wanted]
+              ("values/overflow", "float16"), ("values/large", "float64"),
+              # num_updates as host ints, "auto" and callables (numpy 1.x promoted them)
+              ("num_updates/int:9@0.9999", "float32"),
+              ("num_updates/int:2**24+1@1.0", "float64"),
+              ("num_updates/auto:0..@0.9999", "float32"),
+              ("num_updates/auto:2**31-20..@1.0", "float64"),
+              ("num_updates/auto:0..@0.9999-tensors", "float32"),
+              ("num_updates/callable:2**24..2**31@1.0", "float32")}
+    matrix = sc.matrix(quick=True)
+    picked = [s.with_steps(40) for s in matrix if (s.name, s.dtype) in wanted]
+    assert len(picked) == len(wanted), "a scenario of the quick slice left the matrix"
+    # counts 0..2999 at decay 0.9999, which caps the decay throughout
+    picked += [s for s in matrix if s.name == "long/auto-0.9999"]
     picked += [sc.Scenario("long/saturation", "float16", "tensors", steps=2100,
                            shapes=((3,),), decay=0.999, zero_debias=True),
                sc.Scenario("long/saturation", "bfloat16", "tensors", steps=300,
@@ -35,6 +47,15 @@ class LerpEMA(ExponentialMovingAverage):
             slot.shadow.lerp_(slot.var, 1 - decay)
 
 
+def float32_decay_as_numpy1(decay, num_updates=None, _exact=tf_math.float32_decay):
+    """float32_decay as it was under numpy 1.x: host caps promoted to float64."""
+    if isinstance(decay, torch.Tensor) or isinstance(num_updates, torch.Tensor) \
+            or num_updates is None:
+        return _exact(decay, num_updates)
+    n = np.float64(np.float32(np.int64(num_updates)))
+    return np.minimum(np.float32(decay), (1.0 + n) / (10.0 + n))
+
+
 class ParityTest(unittest.TestCase):
     @parameterized.expand(quick_slice())
     def test_bit_exact_with_tensorflow(self, _, scenario):
@@ -49,6 +70,18 @@ class ParityTest(unittest.TestCase):
         self.assertFalse(wrong.exact)
         self.assertGreater(wrong.max_ulp, 0)
         self.assertIsNotNone(wrong.first_diff_step)
+
+    @parameterized.expand([("int", "const", 9), ("auto", "step", None),
+                           ("callable", "step", None)])
+    def test_harness_reports_a_float64_cap(self, feed, mode, start):
+        # Host counts fed as the scenarios feed them reach the arithmetic: a float64 cap,
+        # the numpy 1.x bug, shows against TF on any numpy.
+        scenario = sc.Scenario(f"harness/{feed}", "float32", steps=40, decay=0.9999,
+                               num_updates=mode, count_start=start, feed=feed)
+        with mock.patch.object(tf_math, "float32_decay", float32_decay_as_numpy1):
+            wrong = next(run.run_scenario(scenario))
+        self.assertFalse(wrong.exact)
+        self.assertGreater(wrong.max_ulp, 0)
 
     def test_naive_ports_are_reported_as_drifting(self):
         scenario = sc.Scenario("harness/naive", "float32", steps=50, decay=0.999, references=True)

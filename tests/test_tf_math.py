@@ -1,12 +1,14 @@
 """tf_math against independent numpy arithmetic (and closed forms), never our own output."""
+import struct
 import unittest
 
 import ml_dtypes
 import numpy as np
 import torch
+from hypothesis import given, settings, strategies as st
 from parameterized import parameterized
 
-from tfcompat_ema import kernels, tf_math
+from tfcompat_ema import ExponentialMovingAverage, kernels, tf_math
 
 NUMPY = {torch.float32: np.float32, torch.float64: np.float64, torch.float16: np.float16,
          torch.bfloat16: ml_dtypes.bfloat16}
@@ -42,6 +44,123 @@ class Float32DecayTest(unittest.TestCase):
         n = torch.tensor(3)
         expected = min(np.float32(0.99), np.float32(4) / np.float32(13))
         self.assertEqual(float(tf_math.float32_decay(decay, n)), float(expected))
+
+
+def f32(x: float) -> float:
+    """``x`` rounded to the nearest float32 (ties to even), through its 4-byte encoding."""
+    return struct.unpack("<f", struct.pack("<f", x))[0]
+
+
+def decay_by_struct(decay: float, n: int) -> float:
+    """TF's capped decay in float32, op by op with Python floats rounded by ``f32``.
+
+    Each op is computed in float64 and rounded once to float32: for +, - and / of float32
+    operands that is the correctly rounded float32 result (53 >= 2 * 24 + 2 bits), and no
+    numpy is involved, so it cannot depend on numpy's promotion rules.
+    """
+    n32 = f32(float(n))                  # math_ops.cast(num_updates, float32), n < 2**53
+    cap = f32(f32(1.0 + n32) / f32(10.0 + n32))
+    return min(f32(decay), cap)
+
+
+def decays_by_torch(decay: float, counts: torch.Tensor) -> torch.Tensor:
+    """The same, vectorised with torch float32 tensor ops (another independent float32)."""
+    n = counts.to(torch.int64).to(torch.float32)
+    return torch.minimum(torch.tensor(decay, dtype=torch.float32), (1 + n) / (10 + n))
+
+
+class HostCountsAreFloat32Test(unittest.TestCase):
+    """Host ``num_updates`` (Python ints, numpy ints, "auto", callables) give TF's float32
+    decay whatever numpy's promotion rules: numpy 1.x promotes ``1.0 + np.float32(n)`` to
+    float64. ``make test`` runs this on numpy 1.26 (the oldest stack) as well as on 2.x."""
+
+    COUNTS = range(0, 200_000)
+
+    def expected(self, decay: float) -> np.ndarray:
+        return decays_by_torch(decay, torch.arange(len(self.COUNTS))).numpy()
+
+    @parameterized.expand([(0.9999,), (0.999,), (1.0,)])
+    def test_python_ints(self, decay):
+        expected = self.expected(decay)
+        got = [tf_math.float32_decay(decay, n) for n in self.COUNTS]
+        self.assertTrue(all(type(d) is np.float32 for d in got[:1000]))
+        np.testing.assert_array_equal(np.array(got, dtype=np.float32).view(np.uint32),
+                                      expected.view(np.uint32))
+
+    def test_numpy_ints(self):
+        expected = self.expected(0.9999)
+        for np_int in (np.int64, np.int32, np.uint32):
+            got = np.array([tf_math.float32_decay(0.9999, np_int(n)) for n in self.COUNTS],
+                           dtype=np.float32)
+            np.testing.assert_array_equal(got.view(np.uint32), expected.view(np.uint32),
+                                          err_msg=np_int.__name__)
+
+    def test_update_weight_of_host_counts_is_float32(self):
+        # The weight 1 - decay (in float32, then cast) is what the kernels read.
+        n = torch.arange(0, 100_000)
+        expected = (1 - decays_by_torch(0.9999, n)).numpy()
+        got = np.array([float(tf_math.update_weight(tf_math.float32_decay(0.9999, int(k)),
+                                                    torch.float32)) for k in n[::7]],
+                       dtype=np.float32)
+        np.testing.assert_array_equal(got.view(np.uint32), expected[::7].view(np.uint32))
+
+    def test_struct_and_torch_references_agree(self):
+        # The two references are independent of each other; check them against each other too.
+        counts = list(range(0, 300)) + [4321, 89_990, 89_991, 2 ** 24 - 1, 2 ** 24 + 1,
+                                        2 ** 24 + 3, 2 ** 31 - 1, 2 ** 31 + 7, 2 ** 40 + 5]
+        by_torch = decays_by_torch(0.9999, torch.tensor(counts))
+        for n, t in zip(counts, by_torch.tolist()):
+            self.assertEqual(decay_by_struct(0.9999, n), t, n)
+
+    def test_known_values(self):
+        # n = 9: TF's weight 1 - 10/19 is 0.47368419 in float32; in float64, 0.47368422.
+        self.assertEqual(float(tf_math.float32_decay(0.9999, 9)), f32(10 / 19))
+        weight = tf_math.update_weight(tf_math.float32_decay(0.9999, 9), torch.float32)
+        self.assertEqual(float(weight), float(np.float32("0.47368419")))
+        self.assertEqual(f32(1 - 10 / 19), float(np.float32("0.47368422")))
+
+    @settings(max_examples=500, deadline=None)
+    @given(n=st.integers(0, 2 ** 53), decay=st.floats(0.0, 1.0))
+    def test_any_count_and_decay(self, n, decay):
+        self.assertEqual(float(tf_math.float32_decay(decay, n)), decay_by_struct(decay, n))
+        self.assertEqual(float(tf_math.float32_decay(decay, np.int64(n))),
+                         decay_by_struct(decay, n))
+
+    def _ema_weights(self, num_updates, steps: int, reset=None):
+        """The ``1 - decay`` each ``apply_tensors`` used, read off an average of ones."""
+        ema = ExponentialMovingAverage(0.9999, num_updates=num_updates)
+        one = torch.ones((), dtype=torch.float32)
+        weights = []
+        for t in range(steps):
+            if reset is not None:
+                reset(t)
+            # From 0, one update towards 1 gives 0 - (0 - 1) * w = w exactly.
+            ema.load_state_dict({"x/ExponentialMovingAverage": torch.zeros(()),
+                                 **({"num_updates": torch.tensor(t)}
+                                    if num_updates == "auto" else {})})
+            ema.apply_tensors({"x": one})
+            weights.append(float(ema.average("x")))
+        return weights
+
+    def expected_weights(self, counts):
+        return [f32(1.0 - decay_by_struct(0.9999, n)) for n in counts]
+
+    def test_auto_and_callable_counts_in_the_ema(self):
+        steps = 3000                     # crosses n = 9, up to a few thousand
+        self.assertEqual(self._ema_weights("auto", steps), self.expected_weights(range(steps)))
+        step = [0]
+        weights = self._ema_weights(lambda: step[0], steps, reset=lambda t: step.__setitem__(0, t))
+        self.assertEqual(weights, self.expected_weights(range(steps)))
+        for np_int in (np.int64, int):
+            weights = self._ema_weights(lambda: np_int(step[0] * 977), 300,
+                                        reset=lambda t: step.__setitem__(0, t))
+            self.assertEqual(weights, self.expected_weights(range(0, 300 * 977, 977)))
+
+    def test_host_int_counts_in_the_ema(self):
+        for n in (9, 10, 4321, 89_990, 2 ** 24 + 1, 2 ** 31 + 7):
+            ema = ExponentialMovingAverage(0.9999, num_updates=n)
+            ema.apply_tensors({"x": torch.ones(())})
+            self.assertEqual(float(ema.average("x")), f32(1.0 - decay_by_struct(0.9999, n)), n)
 
 
 class UpdateWeightTest(unittest.TestCase):

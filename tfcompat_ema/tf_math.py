@@ -14,8 +14,8 @@ with denormals flushed to zero, as TF's CPU kernels run).
 >>> import torch
 >>> from tfcompat_ema import kernels, tf_math
 >>> decay = tf_math.float32_decay(0.999, num_updates=5)   # min(0.999, 6/15)
->>> decay
-np.float32(0.4)
+>>> print(decay, decay.dtype)
+0.4 float32
 >>> d = tf_math.update_weight(decay, torch.float32)         # float32(1) - decay
 >>> shadow, value = torch.tensor([1.0]), torch.tensor([0.0])
 >>> tf_math.assign_moving_average_(kernels.Batch([shadow], [value]), d)
