@@ -29,14 +29,29 @@ def every_dtype():
     values["bool"] = np.array([True, False, True])
     values["float32_special"] = np.array([-0.0, np.inf, -np.inf, np.nan, 1e-45], np.float32)
     for name in ML_DTYPES:
+        if not hasattr(ml_dtypes, name):        # older ml_dtypes (the oldest stack) lack some
+            continue
         pool = [0, 1, 3, 2, 1] if name.startswith("u") else [0, 1, -1, -2, 1]
-        values[name] = np.array(pool, dtype=getattr(ml_dtypes, name))
+        value = np.array(pool, dtype=getattr(ml_dtypes, name))
+        if _tf_can_hold(value):
+            values[name] = value
     values["scalar"] = np.array(3.5, np.float32)
     values["empty"] = np.zeros((0, 7), np.float32)
     values["empty_scalar_shape"] = np.zeros((2, 0), np.int64)
     values["strings"] = np.array([b"hi", b"", b"\x00\xff" * 50], dtype=object)
     values["deep/name/with.dots-and:colons"] = np.arange(6, dtype=np.int32).reshape(1, 2, 3)
     return values
+
+
+def _tf_can_hold(value) -> bool:
+    """Whether this TF makes a tensor of this dtype (TF 2.16 lacks some of ml_dtypes' types)."""
+    tf = tf_module()
+    try:
+        tf.constant(value)
+    except ValueError as error:
+        assert "Unsupported numpy type" in str(error), error
+        return False
+    return True
 
 
 def save_v2(prefix, values):
@@ -77,7 +92,7 @@ def test_tf_written_every_dtype_read_bitwise(tmp_path):
     ckpt = read_checkpoint(tmp_path / "all")
     assert ckpt.skipped["strings"] == "string"
     assert list(ckpt.strings["strings"]) == list(values["strings"])
-    for name in ("int4", "uint2", "float8_e4m3b11fnuz", "float4_e2m1fn"):
+    for name in {"int4", "uint2", "float8_e4m3b11fnuz", "float4_e2m1fn"} & set(values):
         assert "no PyTorch dtype" in ckpt.skipped[name] and name in ckpt.arrays
     assert np.array_equal(ckpt.arrays["int4"], [0, 1, -1, -2, 1])
     assert ckpt.tensors["float8_e4m3fn"].dtype == torch.float8_e4m3fn

@@ -14,14 +14,28 @@ def quick_cases():
             for c in keras_side.cases(quick=True)]
 
 
+def tf_before(version):
+    import tensorflow as tf
+    return tuple(int(x) for x in tf.__version__.split(".")[:2]) < version
+
+
+# KerasEMA(xla=True) reproduces Keras on TF 2.21's XLA; older TF's XLA differs (measured on
+# the oldest stack in make test): there those cases are skipped, not claimed.
+OLD_XLA = "xla=True reproduces Keras under TF 2.21's XLA; this TF's XLA differs"
+
+
 class KerasParityTest(unittest.TestCase):
     @parameterized.expand(quick_cases())
     def test_bit_exact_with_keras(self, _, case):
+        if "xla" in case.name and tf_before((2, 21)):
+            self.skipTest(OLD_XLA)
         outcome = flavours.run_case(case)
         self.assertTrue(outcome.exact, f"max ULP {outcome.max_ulp}")
 
     def test_xla_and_eager_differ_as_keras_does(self):
         # Keras under XLA is not Keras eager: ours without xla must not match it.
+        if tf_before((2, 21)):
+            self.skipTest(OLD_XLA)
         case = [c for _, c in quick_cases() if c.name == "keras3/use_ema-xla"][0]
         case = replace(case, scenario=replace(case.scenario, steps=100))
         eager_ours = replace(case, ours=lambda s, v: keras_side.ours(

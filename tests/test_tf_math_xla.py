@@ -13,6 +13,15 @@ from parameterized import parameterized
 from parity import flavours
 from tfcompat_ema import ExponentialMovingAverage, kernels
 
+def tf_before(version):
+    import tensorflow as tf
+    return tuple(int(x) for x in tf.__version__.split(".")[:2]) < version
+
+
+# xla=True reproduces TF 2.21's XLA. TF 2.16's XLA rounds bfloat16 otherwise (measured on the
+# oldest stack in make test): there those cases are skipped, not claimed.
+OLD_XLA_BFLOAT16 = "xla=True reproduces TF 2.21's XLA; this TF's XLA rounds bfloat16 otherwise"
+
 QUICK = {"xla/variables", "xla/variables-num_updates", "xla/variables-tiny",
          "xla/tensors-debias"}
 
@@ -27,6 +36,8 @@ def quick_cases(dtypes=("float32", "float64", "float16", "bfloat16"), names=QUIC
 class XlaParityTest(unittest.TestCase):
     @parameterized.expand(quick_cases())
     def test_bit_exact_with_tf_under_xla(self, _, case):
+        if case.scenario.dtype == "bfloat16" and tf_before((2, 21)):
+            self.skipTest(OLD_XLA_BFLOAT16)
         outcome = flavours.run_case(case)
         self.assertTrue(outcome.exact, f"max ULP {outcome.max_ulp} from step "
                                        f"{outcome.first_diff_step}")
@@ -34,6 +45,8 @@ class XlaParityTest(unittest.TestCase):
     @parameterized.expand(quick_cases(("float32", "float16", "bfloat16"),
                                       {"xla/variables-num_updates", "xla/tensors-debias"}))
     def test_torch_path_bit_exact(self, _, case):
+        if case.scenario.dtype == "bfloat16" and tf_before((2, 21)):
+            self.skipTest(OLD_XLA_BFLOAT16)
         with mock.patch.object(kernels, "_fused", None):
             outcome = flavours.run_case(case)
         self.assertTrue(outcome.exact, f"max ULP {outcome.max_ulp}")
