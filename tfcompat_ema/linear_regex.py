@@ -1,0 +1,438 @@
+"""Regular expressions matched in linear time, for rule patterns and ignore lists.
+
+Rules files come from users, and variable names from checkpoints; Python's :mod:`re`
+backtracks, so a pattern like ``(a+)+b`` takes exponential time on ``aaaa...a`` and a
+rules file could hang ``tfcompat-ema``. Here a pattern is compiled to a Thompson NFA and
+run as a Pike VM: the time is at most (name length) x (program size), whatever the
+pattern, and the groups are those Python's ``re.fullmatch`` gives (leftmost-first).
+
+The syntax is the regular subset of Python's, which is all that names need:
+
+* literal characters, ``.`` (any character but a newline), escaped punctuation (``\\.``);
+* classes ``[a-z_]``, ``[^./]``; ``\\d \\D \\w \\W \\s \\S`` (Unicode, as :mod:`re`);
+  ``\\n \\t \\r \\f \\v \\xhh \\uhhhh``;
+* groups ``(...)`` and ``(?:...)`` (neither captures: a rule's placeholders are its groups),
+  alternation ``|``;
+* quantifiers ``* + ? {m} {m,} {m,n}`` (``n`` up to 1000), and their lazy forms (``*?``);
+* ``^``/``\\A`` and ``$``/``\\Z`` (the whole name is matched anyway).
+
+Refused, with a :class:`RegexError` that says why: backreferences, lookaround assertions,
+atomic groups, possessive quantifiers, inline flags, named groups, word boundaries.
+
+Example:
+    >>> from tfcompat_ema import linear_regex
+    >>> slow_in_re = linear_regex.compile("(a+)+b")
+    >>> slow_in_re.fullmatch("a" * 10_000) is None      # at once; re takes forever
+    True
+    >>> linear_regex.compile(".*/Adam(_1)?").fullmatch("dense/kernel/Adam_1")
+    {}
+    >>> linear_regex.compile(r"(a\\1)")
+    Traceback (most recent call last):
+    ...
+    tfcompat_ema.linear_regex.RegexError: backreferences are not supported (at 2)
+"""
+from __future__ import annotations
+
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
+
+MAX_REPEAT = 1000
+MAX_PROGRAM = 50_000
+MAX_NESTING = 100
+
+
+class RegexError(ValueError):
+    """A pattern this module does not accept: a syntax error, or a construct it refuses."""
+
+
+# ------------------------------------------------------------------ syntax tree
+# Nodes are tuples: ("char", test, text), ("cat", nodes), ("alt", nodes),
+# ("repeat", node, min, max or None, greedy), ("group", name, node), ("assert", "^" or "$").
+Node = tuple
+_CATEGORIES: Dict[str, Callable[[str], bool]] = {
+    "d": str.isdecimal,
+    "w": lambda c: c.isalnum() or c == "_",
+    "s": str.isspace,
+}
+_CONTROL = {"n": "\n", "t": "\t", "r": "\r", "f": "\f", "v": "\v", "a": "\a", "0": "\0"}
+
+
+def literal(text: str) -> Node:
+    """The node that matches ``text`` as it is."""
+    return ("cat", [("char", (lambda c, want=ch: c == want), ch) for ch in text])
+
+
+def group(name: str, node: Node) -> Node:
+    """A capturing group: :meth:`Regex.fullmatch` returns what it matched under ``name``."""
+    return ("group", name, node)
+
+
+def sequence(nodes: Sequence[Node]) -> Node:
+    return ("cat", list(nodes))
+
+
+def repeat(node: Node, minimum: int, maximum: Optional[int] = None) -> Node:
+    return ("repeat", node, minimum, maximum, True)
+
+
+def parse(pattern: str) -> Node:
+    """The syntax tree of ``pattern`` (see the module's doc for what is accepted)."""
+    if not isinstance(pattern, str):
+        raise RegexError(f"a regex must be a string, got {type(pattern).__name__}")
+    parser = _Parser(pattern)
+    node = parser.alternation(0)
+    if parser.position < len(pattern):          # only a stray ")" stops the top level
+        raise RegexError(f"unbalanced parenthesis (at {parser.position})")
+    return node
+
+
+class _Parser:
+    def __init__(self, pattern: str):
+        self.text, self.position = pattern, 0
+
+    def error(self, message: str, at: Optional[int] = None) -> RegexError:
+        return RegexError(f"{message} (at {self.position if at is None else at})")
+
+    def peek(self, ahead: int = 0) -> str:
+        index = self.position + ahead
+        return self.text[index] if index < len(self.text) else ""
+
+    def alternation(self, depth: int) -> Node:
+        if depth > MAX_NESTING:
+            raise self.error(f"groups nested more than {MAX_NESTING} deep")
+        branches = [self.concatenation(depth)]
+        while self.peek() == "|":
+            self.position += 1
+            branches.append(self.concatenation(depth))
+        return branches[0] if len(branches) == 1 else ("alt", branches)
+
+    def concatenation(self, depth: int) -> Node:
+        items: List[Node] = []
+        while self.peek() not in ("", "|", ")"):
+            start = self.position
+            atom = self.atom(depth)
+            quantified = self.quantifier(atom, start)
+            items.append(quantified)
+        return ("cat", items)
+
+    def atom(self, depth: int) -> Node:
+        char = self.peek()
+        self.position += 1
+        if char == "(":
+            return self.group(depth)
+        if char == "[":
+            return self.char_class()
+        if char == ".":
+            return ("char", lambda c: c != "\n", ".")
+        if char == "^":
+            return ("assert", "^")
+        if char == "$":
+            return ("assert", "$")
+        if char == "\\":
+            return self.escape(in_class=False)
+        if char in "*+?":
+            raise self.error("nothing to repeat", self.position - 1)
+        if char == "{" and self.counted(self.position - 1) is not None:
+            raise self.error("nothing to repeat", self.position - 1)
+        return literal(char)
+
+    def group(self, depth: int) -> Node:
+        start = self.position - 1
+        if self.peek() == "?":
+            kind = self.peek(1)
+            if kind == ":":
+                self.position += 2
+            elif kind in ("=", "!") or (kind == "<" and self.peek(2) in ("=", "!")):
+                raise self.error("lookaround assertions are not supported", start)
+            elif kind == "P" and self.peek(2) == "=":
+                raise self.error("backreferences are not supported", start)
+            elif kind == "P" or kind == "<":
+                raise self.error("named groups are not supported (placeholders name groups)",
+                                 start)
+            elif kind == ">":
+                raise self.error("atomic groups are not supported", start)
+            elif kind == "(":
+                raise self.error("conditional groups are not supported", start)
+            else:
+                raise self.error("inline flags and (?...) extensions are not supported", start)
+        node = self.alternation(depth + 1)
+        if self.peek() != ")":
+            raise self.error("missing ), unterminated subpattern", start)
+        self.position += 1
+        return node
+
+    def counted(self, start: int) -> Optional[Tuple[int, Optional[int], int]]:
+        """``{m}``, ``{m,}``, ``{,n}``, ``{m,n}`` at ``start``: (min, max, end); None: a literal."""
+        end = self.text.find("}", start)
+        if end < 0:
+            return None
+        body = self.text[start + 1:end]
+        low, comma, high = body.partition(",")
+        if not (low.isdigit() or (comma and low == "")) or not (high.isdigit() or high == ""):
+            return None
+        if not low.isascii() or not high.isascii() or (not comma and not low):
+            return None
+        minimum = int(low or 0)
+        maximum = minimum if not comma else (int(high) if high else None)
+        return minimum, maximum, end + 1
+
+    def quantifier(self, atom: Node, start: int) -> Node:
+        char = self.peek()
+        if char in ("*", "+", "?"):
+            minimum, maximum = {"*": (0, None), "+": (1, None), "?": (0, 1)}[char]
+            self.position += 1
+        elif char == "{" and self.counted(self.position) is not None:
+            minimum, maximum, self.position = self.counted(self.position)
+            if max(minimum, maximum or 0) > MAX_REPEAT:
+                raise self.error(f"repeat counts above {MAX_REPEAT} are not supported", start)
+            if maximum is not None and maximum < minimum:
+                raise self.error("min repeat greater than max repeat", start)
+        else:
+            return atom
+        if atom[0] == "assert":
+            raise self.error("nothing to repeat", start)
+        greedy = True
+        if self.peek() == "?":
+            greedy = False
+            self.position += 1
+        elif self.peek() == "+":
+            raise self.error("possessive quantifiers are not supported", self.position)
+        if self.peek() in ("*", "+", "?") or (self.peek() == "{" and
+                                              self.counted(self.position) is not None):
+            raise self.error("multiple repeat", self.position)
+        return ("repeat", atom, minimum, maximum, greedy)
+
+    def escape(self, in_class: bool) -> Node:
+        start = self.position - 1
+        char = self.peek()
+        if not char:
+            raise self.error("bad escape (end of pattern)", start)
+        self.position += 1
+        if char.lower() in _CATEGORIES:
+            test = _CATEGORIES[char.lower()]
+            if char.isupper():
+                return ("char", lambda c, t=test: not t(c), "\\" + char)
+            return ("char", test, "\\" + char)
+        if char in _CONTROL and not (char == "0" and self.peek().isdigit()):
+            return literal(_CONTROL[char])
+        if char in ("x", "u"):
+            digits = 2 if char == "x" else 4
+            code = self.text[self.position:self.position + digits]
+            if len(code) != digits or any(c not in "0123456789abcdefABCDEF" for c in code):
+                raise self.error(f"bad escape \\{char}", start)
+            self.position += digits
+            return literal(chr(int(code, 16)))
+        if char.isdigit():
+            raise self.error("backreferences are not supported", start)
+        if not in_class and char in ("A", "Z"):
+            return ("assert", "^" if char == "A" else "$")
+        if char.isascii() and char.isalnum():
+            raise self.error(f"bad or unsupported escape \\{char}", start)
+        return literal(char)
+
+    def char_class(self) -> Node:
+        start = self.position - 1
+        negate = self.peek() == "^"
+        if negate:
+            self.position += 1
+        tests: List[Callable[[str], bool]] = []
+        first = True
+        while True:
+            char = self.peek()
+            if not char:
+                raise self.error("unterminated character set", start)
+            if char == "]" and not first:
+                self.position += 1
+                break
+            first = False
+            low = self.class_item()
+            if self.peek() == "-" and self.peek(1) not in ("]", ""):
+                self.position += 1
+                high = self.class_item()
+                if not (isinstance(low, str) and isinstance(high, str)):
+                    raise self.error("bad character range", start)
+                if ord(high) < ord(low):
+                    raise self.error(f"bad character range {low}-{high}", start)
+                tests.append(lambda c, a=low, b=high: a <= c <= b)
+            elif isinstance(low, str):
+                tests.append(lambda c, a=low: c == a)
+            else:
+                tests.append(low)
+        text = self.text[start:self.position]
+        if negate:
+            return ("char", lambda c: not any(test(c) for test in tests), text)
+        return ("char", lambda c: any(test(c) for test in tests), text)
+
+    def class_item(self) -> Union[str, Callable[[str], bool]]:
+        """One character of a class, or a category test (``\\d`` ...)."""
+        char = self.peek()
+        self.position += 1
+        if char != "\\":
+            return char
+        node = self.escape(in_class=True)
+        if node[0] == "char":
+            return node[1]
+        if node[0] == "cat" and len(node[1]) == 1:
+            return node[1][0][2]
+        raise self.error("bad escape in a character set")
+
+
+# ------------------------------------------------------------------ program
+# Instructions: ("char", test), ("split", first, second), ("jmp", target), ("save", slot),
+# ("assert", kind), ("match",). A split tries ``first`` before ``second``.
+
+class _Compiler:
+    def __init__(self):
+        self.program: List[list] = []
+        self.groups: List[str] = []
+
+    def emit(self, *instruction) -> int:
+        if len(self.program) >= MAX_PROGRAM:
+            raise RegexError(f"pattern too large (over {MAX_PROGRAM} steps once its repeats "
+                             "are written out)")
+        self.program.append(list(instruction))
+        return len(self.program) - 1
+
+    def node(self, node: Node) -> None:
+        kind = node[0]
+        if kind == "char":
+            self.emit("char", node[1])
+        elif kind == "cat":
+            for item in node[1]:
+                self.node(item)
+        elif kind == "alt":
+            jumps = []
+            for branch in node[1][:-1]:
+                split = self.emit("split", None, None)
+                self.program[split][1] = len(self.program)
+                self.node(branch)
+                jumps.append(self.emit("jmp", None))
+                self.program[split][2] = len(self.program)
+            self.node(node[1][-1])
+            for jump in jumps:
+                self.program[jump][1] = len(self.program)
+        elif kind == "group":
+            if node[1] in self.groups:
+                raise RegexError(f"group {node[1]!r} appears twice")
+            self.groups.append(node[1])
+            slot = 2 * (len(self.groups) - 1)
+            self.emit("save", slot)
+            self.node(node[2])
+            self.emit("save", slot + 1)
+        elif kind == "assert":
+            self.emit("assert", node[1])
+        elif kind == "repeat":
+            self.repeat(*node[1:])
+        else:                                       # pragma: no cover - internal
+            raise AssertionError(f"unknown node {kind!r}")
+
+    def optional(self, body: Node, greedy: bool) -> int:
+        split = self.emit("split", None, None)
+        self.node(body)
+        end = len(self.program)
+        self.program[split][1:] = [split + 1, end] if greedy else [end, split + 1]
+        return split
+
+    def repeat(self, body: Node, minimum: int, maximum: Optional[int], greedy: bool) -> None:
+        for _ in range(minimum):
+            self.node(body)
+        if maximum is None:
+            split = self.optional(body, greedy)
+            self.emit("jmp", split)
+            end = len(self.program)
+            self.program[split][1:] = [split + 1, end] if greedy else [end, split + 1]
+        else:
+            for _ in range(maximum - minimum):
+                self.optional(body, greedy)
+
+
+class Regex:
+    """A compiled pattern; :meth:`fullmatch` runs in time linear in the text's length."""
+
+    def __init__(self, node: Node, source: str = ""):
+        compiler = _Compiler()
+        compiler.node(node)
+        compiler.emit("assert", "$")
+        compiler.emit("match")
+        self.pattern = source
+        self.groups = list(compiler.groups)
+        self._program = [tuple(instruction) for instruction in compiler.program]
+        self._prefix = self._literal_prefix(node)
+
+    def __repr__(self) -> str:
+        return f"linear_regex.compile({self.pattern!r})"
+
+    @staticmethod
+    def _literal_prefix(node: Node) -> str:
+        """Text every match starts with (a quick test before running the machine)."""
+        prefix = []
+        items = list(node[1]) if node[0] == "cat" else [node]
+        while items:
+            item = items.pop(0)
+            if item[0] == "cat":
+                items[:0] = item[1]
+            elif item[0] == "group":
+                items.insert(0, item[2])
+            elif item[0] == "char" and len(item[2]) == 1 and item[2] not in ".\\[":
+                prefix.append(item[2])
+            else:
+                break
+        return "".join(prefix)
+
+    def fullmatch(self, text: str) -> Optional[Dict[str, str]]:
+        """The groups' texts if the whole of ``text`` matches (``{}`` without groups), else None.
+
+        >>> compile("[a-z]+_(?:[0-9]+)").fullmatch("layer_10")
+        {}
+        >>> compile("[a-z]+_(?:[0-9]+)").fullmatch("layer_1a") is None
+        True
+        """
+        if not text.startswith(self._prefix):
+            return None
+        program, size = self._program, len(text)
+        slots = (None,) * (2 * len(self.groups))
+        threads = self._closure([(0, slots)], 0, size)
+        for position in range(size):
+            char = text[position]
+            advanced = [(pc + 1, saved) for pc, saved in threads
+                        if program[pc][0] == "char" and program[pc][1](char)]
+            if not advanced:
+                return None
+            threads = self._closure(advanced, position + 1, size)
+        for pc, saved in threads:
+            if program[pc][0] == "match":
+                return {name: text[saved[2 * i]:saved[2 * i + 1]]
+                        for i, name in enumerate(self.groups)}
+        return None
+
+    def _closure(self, starts, position: int, size: int):
+        """The threads at ``position``: every ``char``/``match`` reachable from ``starts``
+        without reading, in priority order, each once (which makes the run linear)."""
+        program, seen, threads = self._program, set(), []
+        for start in starts:
+            stack = [start]
+            while stack:
+                pc, saved = stack.pop()
+                if pc in seen:
+                    continue
+                seen.add(pc)
+                instruction = program[pc]
+                kind = instruction[0]
+                if kind == "jmp":
+                    stack.append((instruction[1], saved))
+                elif kind == "split":
+                    stack.append((instruction[2], saved))
+                    stack.append((instruction[1], saved))
+                elif kind == "save":
+                    saved = saved[:instruction[1]] + (position,) + saved[instruction[1] + 1:]
+                    stack.append((pc + 1, saved))
+                elif kind == "assert":
+                    if position == (0 if instruction[1] == "^" else size):
+                        stack.append((pc + 1, saved))
+                else:
+                    threads.append((pc, saved))
+        return threads
+
+
+def compile(pattern: str) -> Regex:
+    """A user's regex (no groups of its own), for :meth:`Regex.fullmatch`."""
+    return Regex(parse(pattern), pattern)
