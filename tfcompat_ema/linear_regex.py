@@ -38,6 +38,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 MAX_REPEAT = 1000
 MAX_PROGRAM = 50_000
 MAX_NESTING = 100
+MAX_DFA_STATES = 10_000
 
 
 class RegexError(ValueError):
@@ -357,6 +358,7 @@ class Regex:
         self.groups = list(compiler.groups)
         self._program = [tuple(instruction) for instruction in compiler.program]
         self._prefix = self._literal_prefix(node)
+        self._transitions: Dict[tuple, frozenset] = {}
 
     def __repr__(self) -> str:
         return f"linear_regex.compile({self.pattern!r})"
@@ -386,8 +388,10 @@ class Regex:
         >>> compile("[a-z]+_(?:[0-9]+)").fullmatch("layer_1a") is None
         True
         """
-        if not text.startswith(self._prefix):
+        if not text.startswith(self._prefix) or not self._accepts(text):
             return None
+        if not self.groups:
+            return {}
         program, size = self._program, len(text)
         slots = (None,) * (2 * len(self.groups))
         threads = self._closure([(0, slots)], 0, size)
@@ -403,6 +407,53 @@ class Regex:
                 return {name: text[saved[2 * i]:saved[2 * i + 1]]
                         for i, name in enumerate(self.groups)}
         return None
+
+    def _accepts(self, text: str) -> bool:
+        """Whether ``text`` matches, by the NFA's states as sets (a DFA built as it runs,
+        cached, at most :data:`MAX_DFA_STATES` states kept): no groups, no priorities."""
+        program, cache = self._program, self._transitions
+        state = self._sets([0], at_start=True, at_end=False)
+        for char in text:
+            key = (state, char)
+            following = cache.get(key)
+            if following is None:
+                if len(cache) >= MAX_DFA_STATES:
+                    cache.clear()
+                following = cache[key] = self._sets(
+                    [pc + 1 for pc in state if program[pc][0] == "char" and program[pc][1](char)],
+                    at_start=False, at_end=False)
+            if not following:
+                return False
+            state = following
+        final = self._sets([pc for pc in state if program[pc][0] == "assert"], at_start=False,
+                           at_end=True)
+        return any(program[pc][0] == "match" for pc in final)
+
+    def _sets(self, starts, at_start: bool, at_end: bool) -> frozenset:
+        """The ``char``/``match`` steps reachable from ``starts`` without reading, and the
+        ``$`` asserts waiting for the end (all of them at once, when ``at_end``)."""
+        program, seen, stack, found = self._program, set(), list(starts), []
+        while stack:
+            pc = stack.pop()
+            if pc in seen:
+                continue
+            seen.add(pc)
+            instruction = program[pc]
+            kind = instruction[0]
+            if kind == "jmp":
+                stack.append(instruction[1])
+            elif kind == "split":
+                stack += [instruction[1], instruction[2]]
+            elif kind == "save":
+                stack.append(pc + 1)
+            elif kind == "assert":
+                if instruction[1] == "^" and at_start or instruction[1] == "$" and at_end:
+                    stack.append(pc + 1)
+                elif instruction[1] == "$" and not at_end:
+                    found.append(pc)
+            else:
+                found.append(pc)
+        return frozenset(found)
 
     def _closure(self, starts, position: int, size: int):
         """The threads at ``position``: every ``char``/``match`` reachable from ``starts``
