@@ -1,17 +1,26 @@
 """``tfcompat-ema inspect`` and ``convert`` on checkpoints TF wrote; bad input ends in one line."""
 import contextlib
+import errno
 import io
 import os
+import resource
+import signal
+import stat
 import subprocess
 import sys
 import tempfile
+import time
 import unittest
 from pathlib import Path
+from unittest import mock
 
 import numpy as np
 import torch
 
+from tfcompat_ema import output
 from tfcompat_ema.cli import main
+
+ROOT = Path(__file__).resolve().parent.parent
 
 tf = None
 RULES = """
@@ -34,6 +43,25 @@ def run_cli(*argv):
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         code = main([str(a) for a in argv])
     return code, out.getvalue(), err.getvalue()
+
+
+def start(*argv, preexec_fn=None, stdout=subprocess.PIPE):
+    """``python -m tfcompat_ema ARGV`` in a real process, this checkout's package."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.Popen([sys.executable, "-m", "tfcompat_ema", *map(str, argv)],
+                            stdout=stdout, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+                            env=env, preexec_fn=preexec_fn)
+
+
+def run_process(*argv, timeout=120, **kwargs):
+    process = start(*argv, **kwargs)
+    try:
+        out, err = process.communicate(timeout=timeout)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.communicate()
+    return process.returncode, out, err
 
 
 class CLITest(unittest.TestCase):
@@ -158,6 +186,189 @@ class CLITest(unittest.TestCase):
         self.assertEqual(result.stderr, f"tfcompat-ema: error: {empty}: a directory without a "
                                         "TF checkpoint in it\n")
         self.assertNotIn("Traceback", result.stderr)
+
+
+class HostileCLITest(unittest.TestCase):
+    """Real processes: each failure is exit 2 and one stderr line naming the culprit, with
+    nothing written and no temporary file left; nothing hangs."""
+
+    @classmethod
+    def setUpClass(cls):
+        from tfcompat_ema import write_checkpoint
+        cls._directory = tempfile.TemporaryDirectory()
+        cls.directory = Path(cls._directory.name)
+        cls.prefix = cls.directory / "model.ckpt"
+        write_checkpoint(cls.prefix, {"dense/kernel": torch.ones(300, 200),
+                                      "dense/bias": torch.zeros(200), "global_step":
+                                      torch.tensor(1)})
+        cls.rules = cls.directory / "rules.toml"
+        cls.rules.write_text(RULES)
+
+    @classmethod
+    def tearDownClass(cls):
+        cls._directory.cleanup()
+
+    def setUp(self):
+        self.out_dir = Path(tempfile.mkdtemp(dir=self.directory))
+        self.out = self.out_dir / "out.safetensors"
+
+    def assertFailed(self, result, *culprits, code=2):
+        returncode, stdout, stderr = result
+        self.assertEqual(returncode, code, stderr)
+        self.assertEqual(len(stderr.splitlines()), 1, stderr)
+        self.assertTrue(stderr.startswith("tfcompat-ema: error: "), stderr)
+        for culprit in culprits:
+            self.assertIn(str(culprit), stderr)
+        self.assertEqual(sorted(os.listdir(self.out_dir)), [], "something was written")
+
+    def convert(self, rules, *more, **kwargs):
+        return run_process("convert", self.prefix, "--map", rules, "--out", self.out, *more,
+                           **kwargs)
+
+    def rules_file(self, name, content):
+        path = self.directory / name
+        path.write_bytes(content if isinstance(content, bytes) else content.encode())
+        return path
+
+    def test_file_too_large(self):
+        limit = 64 * 1024                     # the output is 240 kB
+        result = self.convert(self.rules, preexec_fn=lambda: resource.setrlimit(
+            resource.RLIMIT_FSIZE, (limit, limit)))
+        self.assertFailed(result, f"--out {self.out}: File too large; nothing written")
+
+    def test_disk_full(self):
+        """ENOSPC (no small file system here): the write fails as a full disk fails it."""
+        def full(descriptor, data):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        with mock.patch.object(output, "_write", full):
+            code, out, err = run_cli("convert", self.prefix, "--map", self.rules, "--out",
+                                     self.out)
+        self.assertFailed((code, out, err), f"--out {self.out}: No space left on device")
+
+    def test_deeply_nested_rules(self):
+        rules = self.rules_file("nested.toml", "x = " + "[" * 3000 + "]" * 3000 + "\n")
+        self.assertFailed(self.convert(rules), f"{rules}: arrays or tables nested too deeply")
+
+    def test_rules_not_utf8(self):
+        rules = self.rules_file("latin1.toml", "# règles\n".encode("latin-1") + RULES.encode())
+        self.assertFailed(self.convert(rules), f"{rules}: not UTF-8 text")
+
+    def test_single_rule_table(self):
+        rules = self.rules_file("single.toml", RULES.replace("[[rule]]", "[rule]"))
+        self.assertFailed(self.convert(rules), f"{rules}: 'rule' is one table: write each rule "
+                                               "as [[rule]]")
+
+    def test_rules_fifo_does_not_hang(self):
+        fifo = self.directory / "fifo.toml"
+        os.mkfifo(fifo)
+        self.assertFailed(self.convert(fifo, timeout=60), f"{fifo}: not a regular file")
+
+    def test_out_in_a_missing_directory(self):
+        out = self.out_dir / "missing" / "out.safetensors"
+        result = run_process("convert", self.prefix, "--map", self.rules, "--out", out)
+        self.assertFailed(result, f"--out {out}: the directory {out.parent} does not exist")
+
+    def test_backtracking_ignore_regex_does_not_hang(self):
+        from tfcompat_ema import write_checkpoint
+        prefix = self.directory / "names" / "model.ckpt"
+        write_checkpoint(prefix, {"dense/kernel": torch.ones(3, 2), "a" * 60: torch.zeros(1)})
+        rules = self.rules_file("slow.toml", RULES.replace('"global_step"',
+                                                           '"(a+)+b", "(a|aa)+"'))
+        code, out, err = run_process("convert", prefix, "--map", rules, "--out", self.out,
+                                     timeout=60)
+        self.assertEqual((code, err), (0, ""))
+        self.assertIn("wrote 1 tensors", out)
+
+    def test_broken_pipe_is_quiet(self):
+        read_end, write_end = os.pipe()
+        os.close(read_end)                  # the reader is gone before the first line
+        try:
+            code, _, err = run_process("inspect", self.prefix, stdout=write_end)
+        finally:
+            os.close(write_end)
+        self.assertEqual((code, err), (141, ""))
+
+    def test_output_mode_follows_the_umask(self):
+        for umask, mode in ((0o002, 0o664), (0o077, 0o600)):
+            self.out.unlink(missing_ok=True)
+            code, _, err = self.convert(self.rules, preexec_fn=lambda: os.umask(umask))
+            self.assertEqual((code, err), (0, ""))
+            self.assertEqual(stat.S_IMODE(self.out.stat().st_mode), mode)
+
+    def test_existing_output_needs_force(self):
+        self.out.write_bytes(b"keep me")
+        code, _, err = self.convert(self.rules)
+        self.assertEqual(code, 2)
+        self.assertEqual(err, f"tfcompat-ema: error: --out {self.out}: exists (--force "
+                              "replaces it)\n")
+        self.assertEqual(self.out.read_bytes(), b"keep me")
+        self.assertEqual(os.listdir(self.out_dir), ["out.safetensors"])
+        code, _, err = self.convert(self.rules, "--force")
+        self.assertEqual((code, err), (0, ""))
+        from safetensors.torch import load_file
+        self.assertEqual(set(load_file(self.out)), {"out.weight", "out.bias"})
+
+    def test_fifo_as_out(self):
+        os.mkfifo(self.out)
+        for flag, message in (((), "exists (--force replaces it)"),
+                              (("--force",), "exists and is not a regular file")):
+            code, _, err = self.convert(self.rules, *flag, timeout=60)
+            self.assertEqual(code, 2)
+            self.assertEqual(err, f"tfcompat-ema: error: --out {self.out}: {message}"
+                                  + ("; not replaced\n" if flag else "\n"))
+            self.assertTrue(stat.S_ISFIFO(os.lstat(self.out).st_mode))
+
+    def test_sigterm_leaves_no_temporary_file(self):
+        process = start("convert", self.prefix, "--map", self.rules, "--out", self.out)
+        try:
+            # The temporary file exists from before the checkpoint is read (TF's import
+            # takes seconds) until the rename: signal once it is there.
+            deadline = time.monotonic() + 60
+            while not os.listdir(self.out_dir) and process.poll() is None \
+                    and time.monotonic() < deadline:
+                time.sleep(0.002)
+            self.assertIsNone(process.poll(), "finished before the temporary file was seen")
+            process.send_signal(signal.SIGTERM)
+            _, err = process.communicate(timeout=60)
+        finally:
+            if process.poll() is None:
+                process.kill()
+                process.communicate()
+        self.assertFailed((process.returncode, "", err), "stopped by SIGTERM; nothing written",
+                          code=128 + signal.SIGTERM)
+
+    def test_usage_errors_are_one_line(self):
+        self.assertFailed(run_process("convert", self.prefix, "--out", self.out),
+                          "the following arguments are required: --map")
+        self.assertFailed(run_process("bogus"), "invalid choice: 'bogus'")
+
+
+class AtomicOutputTest(unittest.TestCase):
+    def test_failure_or_signal_removes_the_temporary_file(self):
+        with tempfile.TemporaryDirectory() as directory:
+            path = os.path.join(directory, "out.bin")
+            for stop in (ValueError("bad"), output.Terminated(signal.SIGTERM),
+                         KeyboardInterrupt()):
+                with self.assertRaises(type(stop)):
+                    with output.AtomicOutput(path) as out:
+                        out.write(b"partial")
+                        self.assertEqual(len(output.PENDING), 1)
+                        raise stop
+                self.assertEqual((os.listdir(directory), output.PENDING), ([], set()))
+            with output.AtomicOutput(path) as out:        # no commit: nothing either
+                out.write(b"x")
+            self.assertEqual(os.listdir(directory), [])
+
+    def test_an_output_appearing_meanwhile_is_kept(self):
+        with tempfile.TemporaryDirectory() as directory:
+            path = os.path.join(directory, "out.bin")
+            with self.assertRaisesRegex(output.OutputError, "exists"):
+                with output.AtomicOutput(path) as out:
+                    out.write(b"new")
+                    Path(path).write_bytes(b"theirs")
+                    out.commit()
+            self.assertEqual(Path(path).read_bytes(), b"theirs")
+            self.assertEqual(os.listdir(directory), ["out.bin"])
 
 
 if __name__ == "__main__":

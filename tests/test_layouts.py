@@ -238,5 +238,78 @@ class MakeTest(unittest.TestCase):
             layouts.make("tf1_lstm", forget_bias="1")
 
 
+class BadInputTest(unittest.TestCase):
+    """Both directions of every layout refuse tensors they would mis-assign, naming them."""
+
+    def test_tf1_lstm_export_checks_the_gate_rows(self):
+        kernel, _ = layouts.tf1_lstm()
+        with self.assertRaisesRegex(ValueError, r"weight_ih_l0 has 12 rows, not 4 x hidden size "
+                                                r"4 = 16"):
+            kernel.to_tf(torch.zeros(12, 3), torch.zeros(16, 4))
+        # 10 rows chunk into 3, 3, 3, 1: gates silently mis-assigned before
+        with self.assertRaisesRegex(ValueError, r"weight_hh_l0 has 10 rows, not 4 x hidden size "
+                                                r"4 = 16"):
+            kernel.to_tf(torch.zeros(10, 3), torch.zeros(10, 4))
+        with self.assertRaisesRegex(ValueError, "weight_hh_l0 .*hidden size 0"):
+            kernel.to_tf(torch.zeros(0, 3), torch.zeros(0, 0))
+        with self.assertRaisesRegex(ValueError, "weight_hh_l0 is float64 on cpu, weight_ih_l0 "
+                                                "float32"):
+            kernel.to_tf(torch.zeros(16, 3), torch.zeros(16, 4, dtype=torch.float64))
+
+    def test_tf1_lstm_bias_export(self):
+        _, bias = layouts.tf1_lstm(torch_suffix="")
+        with self.assertRaisesRegex(ValueError, r"bias_hh has shape \(1,\), bias_ih \(16,\)"):
+            bias.to_tf(torch.zeros(16), torch.zeros(1))          # broadcast before
+        with self.assertRaisesRegex(ValueError, r"bias_ih \[4h\], got shape \(\)"):
+            bias.to_tf(torch.tensor(1.0), torch.zeros(16))
+        with self.assertRaisesRegex(ValueError, "bias_ih: the gate axis has 6 entries"):
+            bias.to_tf(torch.zeros(6), torch.zeros(6))
+
+    def test_tf1_lstm_bias_must_be_floating(self):
+        """An integer bias would truncate forget_bias=0.5 to 0 without a word."""
+        _, bias = layouts.tf1_lstm(forget_bias=0.5)
+        with self.assertRaisesRegex(ValueError, "LSTM bias is int32"):
+            bias.to_torch(torch.zeros(8, dtype=torch.int32))
+        with self.assertRaisesRegex(ValueError, "bias_ih_l0 is int32"):
+            bias.to_tf(torch.zeros(8, dtype=torch.int32), torch.zeros(8, dtype=torch.int32))
+
+    def test_keras_lstm_both_directions(self):
+        kernel, recurrent, bias = layouts.keras_lstm()
+        with self.assertRaisesRegex(ValueError, "LSTM kernel: the gate axis has 10 entries"):
+            kernel.to_torch(torch.zeros(3, 10))
+        with self.assertRaisesRegex(ValueError, "weight_ih_l0: the gate axis has 10 entries"):
+            kernel.to_tf(torch.zeros(10, 3))
+        with self.assertRaisesRegex(ValueError, r"recurrent kernel: expected \[h, 4h\] with "
+                                                r"h > 0, got shape \(4, 12\)"):
+            recurrent.to_torch(torch.zeros(4, 12))
+        with self.assertRaisesRegex(ValueError, r"weight_hh_l0 has 16 rows, not 4 x hidden size "
+                                                r"5 = 20"):
+            recurrent.to_tf(torch.zeros(16, 5))
+        with self.assertRaisesRegex(ValueError, r"bias_hh_l0 \[4h\], got shape \(\)"):
+            bias.to_tf(torch.zeros(16), torch.tensor(0.0))          # broadcast before
+        with self.assertRaisesRegex(ValueError, r"bias_hh_l0 has shape \(8,\), bias_ih_l0"):
+            bias.to_tf(torch.zeros(16), torch.zeros(8))
+        with self.assertRaisesRegex(ValueError, "bias_hh_l0 is float16"):
+            bias.to_tf(torch.zeros(16), torch.zeros(16, dtype=torch.float16))
+
+    def test_dense_conv_embedding_ranks(self):
+        for name in ("dense", "conv"):
+            _, bias = layouts.make(name)
+            with self.assertRaisesRegex(ValueError, r"a bias \[out\], got shape \(2, 3\)"):
+                bias.to_torch(torch.zeros(2, 3))
+            with self.assertRaisesRegex(ValueError, r"a bias \[out\], got shape \(\)"):
+                bias.to_tf(torch.tensor(1.0))
+        (table,) = layouts.embedding()
+        with self.assertRaisesRegex(ValueError, r"embedding matrix \[vocab, dim\], got shape "
+                                                r"\(5,\)"):
+            table.to_torch(torch.zeros(5))
+        with self.assertRaisesRegex(ValueError, r"Embedding weight \[vocab, dim\], got shape"):
+            table.to_tf(torch.zeros(5, 2, 1))
+
+    def test_layout_name_must_be_a_string(self):
+        with self.assertRaisesRegex(ValueError, r"a layout is named by a string, got \['dense'\]"):
+            layouts.make(["dense"])
+
+
 if __name__ == "__main__":
     unittest.main()

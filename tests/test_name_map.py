@@ -3,9 +3,11 @@
 Expected values are written out independently: a TF kernel [in, out] is the PyTorch weight
 transposed, an LSTM's gate blocks swap (i, j, f, o) -> (i, f, j, o), and so on.
 """
+import os
 import subprocess
 import sys
 import tempfile
+import textwrap
 import unittest
 from pathlib import Path
 
@@ -113,6 +115,117 @@ class RuleTest(unittest.TestCase):
             path.write_text("[[rule]\n")
             with self.assertRaisesRegex(ValueError, "rules.toml: not a valid TOML rules file"):
                 NameMap.from_file(path)
+
+
+def run_python(code: str, timeout: float = 60):
+    """``code`` in a fresh process that must finish within ``timeout`` (a hang fails, never
+    blocks the suite)."""
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True,
+                          text=True, timeout=timeout, cwd=Path(__file__).parent.parent)
+
+
+class HostileInputTest(unittest.TestCase):
+    def test_a_string_ignore_tf_is_one_regex(self):
+        names = NameMap([Rule("emb", "emb/mat", "embedding")], ignore_tf="global_step")
+        tf = {"emb/mat": torch.zeros(5, 3), "global_step": torch.tensor(3), "g": torch.zeros(1)}
+        _, report = names.to_torch(tf, averaged=False, strict=False)
+        self.assertEqual(report.unused, ["g [1] float32: no rule matches it"])
+        self.assertEqual(NameMap.from_dict({"ignore_torch": "steps"}).ignore_torch[0].pattern,
+                         "steps")
+
+    def test_ignore_lists_must_hold_strings(self):
+        with self.assertRaisesRegex(TypeError, "ignore_tf must be a regex or a list of regexes, "
+                                               "got int"):
+            NameMap([], ignore_tf=5)
+        with self.assertRaisesRegex(TypeError, "ignore_torch: 5 is a int, not a regex string"):
+            NameMap([], ignore_torch=["a", 5])
+
+    def test_backtracking_regexes_do_not_hang(self):
+        result = run_python("""
+            import torch
+            from tfcompat_ema import NameMap, Rule
+            name = "a" * 60
+            names = NameMap([Rule("{x:(a|aa)+b}", "{x}", "tensor")], ignore_tf=["(a+)+b"])
+            _, report = names.to_torch({name: torch.zeros(1)}, averaged=False, strict=False)
+            print(report.unused)
+            print(names.rules[0].match_tf(name + "b")[1])
+        """)
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertEqual(result.stdout.splitlines(), [
+            f"['{'a' * 60} [1] float32: no rule matches it']", f"['{'a' * 60}b']"])
+
+    def test_non_regular_syntax_is_refused_by_name(self):
+        with self.assertRaisesRegex(ValueError, r"ignore_tf: bad regex '\(a\)\\\\1' "
+                                                r"\(backreferences are not supported"):
+            NameMap([], ignore_tf=[r"(a)\1"])
+        with self.assertRaisesRegex(ValueError, r"bad regex in \{x:\(\?=a\)a\} \(lookaround"):
+            Rule("{x:(?=a)a}", "{x}")
+
+    def test_empty_tf_names_are_refused_naming_the_rule(self):
+        with self.assertRaisesRegex(ValueError, "rule 'step' -> '': gives an empty TF name"):
+            Rule("step", "", "tensor")
+        with self.assertRaisesRegex(ValueError, "rule 2: rule 'x' -> '': gives an empty TF"):
+            NameMap.from_dict({"rule": [{"torch": "a", "tf": "a"}, {"torch": "x", "tf": ""}]})
+        model = nn.Module()
+        model.register_buffer("w", torch.zeros(2))
+        names = NameMap([Rule("{x:w?}", "{x:w?}", "tensor")])
+        state = {"": torch.zeros(1), "w": torch.ones(1)}
+        with self.assertRaisesRegex(MappingError, r"'': rule 1 Rule\('\{x:w\?\}', "
+                                                  r"'\{x:w\?\}', 'tensor'\) gives it an "
+                                                  r"empty TF name"):
+            names.to_tf(state)
+        tf_vars, report = names.to_tf(state, strict=False)
+        self.assertEqual(list(tf_vars), ["w"])
+
+    def test_lstm_export_names_the_tensor(self):
+        model = nn.Module()
+        model.rnn = nn.LSTM(3, 4)
+        model.rnn.weight_ih_l0 = nn.Parameter(torch.zeros(12, 3))
+        names = NameMap([Rule("rnn", "rnn", "tf1_lstm")])
+        with self.assertRaisesRegex(MappingError, r"rnn/kernel from rnn.weight_ih_l0 \[12, 3\] "
+                                                  r"float32, rnn.weight_hh_l0 \[16, 4\] float32: "
+                                                  r"weight_ih_l0 has 12 rows, not 4 x hidden "
+                                                  r"size 4 = 16"):
+            names.export(model)
+
+
+class RulesFileTest(unittest.TestCase):
+    def setUp(self):
+        self._directory = tempfile.TemporaryDirectory()
+        self.addCleanup(self._directory.cleanup)
+        self.path = Path(self._directory.name) / "rules.toml"
+
+    def test_a_single_rule_table(self):
+        self.path.write_text("[rule]\ntorch = 'a'\ntf = 'a'\n")
+        with self.assertRaisesRegex(ValueError, r"rules.toml: 'rule' is one table: write each "
+                                                r"rule as \[\[rule\]\]"):
+            NameMap.from_file(self.path)
+        with self.assertRaisesRegex(ValueError, "rule 1 is a str, not a table"):
+            NameMap.from_dict({"rule": ["a"]})
+
+    def test_not_utf8_names_the_file(self):
+        self.path.write_bytes(b"# r\xe8gles\n[[rule]]\n")
+        with self.assertRaisesRegex(ValueError, r"rules.toml: not UTF-8 text \(byte 0xe8 on "
+                                                r"line 1\)"):
+            NameMap.from_file(self.path)
+
+    def test_deep_nesting_names_the_file(self):
+        self.path.write_text("x = " + "[" * 3000 + "]" * 3000 + "\n")
+        with self.assertRaisesRegex(ValueError, "rules.toml: arrays or tables nested too deeply"):
+            NameMap.from_file(self.path)
+
+    def test_fifo_is_refused_at_once(self):
+        fifo = Path(self._directory.name) / "fifo.toml"
+        os.mkfifo(fifo)
+        result = run_python(f"""
+            from tfcompat_ema import NameMap
+            try:
+                NameMap.from_file({str(fifo)!r})
+            except ValueError as error:
+                print(error)
+        """, timeout=30)
+        self.assertEqual(result.stdout, f"{fifo}: not a regular file (a rules file is a TOML "
+                                        "file)\n")
 
 
 class ToTorchTest(unittest.TestCase):

@@ -2,26 +2,41 @@
 
     tfcompat-ema inspect CKPT [--ema-name NAME]
     tfcompat-ema convert CKPT --map RULES.toml --out FILE.safetensors [--averaged | --raw]
-                         [--non-strict]
+                         [--non-strict] [--force]
 
-Bad input ends with one line on stderr and exit status 2; a checkpoint that does not fit
-the rules prints the mapping report and exits with 1, writing nothing.
+Exit status: 0 done; 1 the checkpoint does not fit the rules (the mapping report is
+printed, nothing is written); 2 bad input or a failure, with one line on stderr that names
+the culprit (a file, an option); 141 stdout closed early (``inspect | head``: quiet);
+128 + n killed by signal n (SIGTERM, SIGHUP; 130 for Ctrl-C), with one line.
+
+``convert`` writes all or nothing (:mod:`tfcompat_ema.output`): a temporary file beside
+``--out``, renamed into place once complete; an existing ``--out`` is kept unless
+``--force``; the file's mode follows the umask.
 """
 from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
-import tempfile
 from typing import List, Optional
 
 from .name_map import DEFAULT_EMA_NAME, MappingError, NameMap, _ema_state_key
+from .output import AtomicOutput, OutputError, Terminated, raise_on_signals
+
+PROG = "tfcompat-ema"
 
 
-def main(argv: Optional[List[str]] = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="tfcompat-ema", description="TF checkpoints and their moving averages, for PyTorch")
-    commands = parser.add_subparsers(dest="command", required=True)
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):
+        """Usage errors: one line, as every other error (argparse prints two)."""
+        self.exit(2, f"{PROG}: error: {message} (see {self.prog} --help)\n")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog=PROG,
+                     description="TF checkpoints and their moving averages, for PyTorch")
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     inspect = commands.add_parser("inspect", help="list a checkpoint's variables and averages")
     inspect.add_argument("checkpoint", help="checkpoint prefix, its .index file or directory")
     inspect.add_argument("--ema-name", default=DEFAULT_EMA_NAME,
@@ -38,24 +53,69 @@ def main(argv: Optional[List[str]] = None) -> int:
                        help="the raw (trained) values")
     convert.add_argument("--non-strict", action="store_true",
                          help="write what maps and print the problems instead of failing")
-    args = parser.parse_args(argv)
+    convert.add_argument("--force", action="store_true",
+                         help="replace --out if it exists (it is kept otherwise)")
+    return parser
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = _parser().parse_args(argv)
     # TF's start-up messages on stderr (oneDNN's among them; it plays no part in reading
     # or writing checkpoints) would bury the one line that matters.
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
+    handlers = _install_signal_handlers()
     try:
-        if args.command == "inspect":
-            return _inspect(args)
-        return _convert(args)
+        code = _inspect(args) if args.command == "inspect" else _convert(args)
+        sys.stdout.flush()              # a closed pipe shows now, not at exit
+        return code
     except MappingError as error:
-        print(f"tfcompat-ema: error: {args.checkpoint} does not fit {args.map}; nothing written",
-              file=sys.stderr)
+        _error(f"{args.checkpoint} does not fit {args.map}; nothing written")
         print(error.report, file=sys.stderr)
         return 1
-    except (ValueError, TypeError, OSError, ImportError) as error:
-        message = " ".join(str(error).split()) or type(error).__name__
-        print(f"tfcompat-ema: error: {message}", file=sys.stderr)
+    except BrokenPipeError:
+        # The reader went away (``| head``): stop quietly. Python would complain again
+        # when flushing stdout at exit, so stdout goes to /dev/null first.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        return 128 + 13
+    except Terminated as stop:
+        _error(f"stopped by {signal.Signals(stop.signum).name}; nothing written")
+        return 128 + stop.signum
+    except KeyboardInterrupt:
+        _error("interrupted; nothing written")
+        return 128 + 2
+    except OSError as error:
+        where = error.filename if error.filename is not None else ""
+        _error(f"{where}: {error.strerror}" if where and error.strerror else str(error))
         return 2
+    except MemoryError:
+        _error("out of memory")
+        return 2
+    except (ValueError, TypeError, ImportError, RecursionError) as error:
+        _error(str(error) or type(error).__name__)
+        return 2
+    finally:
+        for signum, handler in handlers.items():
+            signal.signal(signum, handler)
+
+
+def _error(message: str) -> None:
+    print(f"{PROG}: error: {' '.join(message.split())}", file=sys.stderr)
+
+
+def _install_signal_handlers() -> dict:
+    """SIGTERM and SIGHUP unwind the stack (removing temporary files), as Ctrl-C does."""
+    import threading
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+    previous = {}
+    for name in ("SIGTERM", "SIGHUP"):
+        if hasattr(signal, name):
+            signum = getattr(signal, name)
+            previous[signum] = signal.signal(signum, raise_on_signals)
+    return previous
 
 
 def _inspect(args) -> int:
@@ -91,28 +151,32 @@ def _inspect(args) -> int:
 
 def _convert(args) -> int:
     from .tf_checkpoint import read_checkpoint
-    names = NameMap.from_file(args.map)       # before the (slow) checkpoint read
+    try:
+        names = NameMap.from_file(args.map)       # before the (slow) checkpoint read
+    except OSError as error:
+        raise ValueError(f"--map {args.map}: {error.strerror or error}") from None
     if not args.out.endswith(".safetensors"):
         raise ValueError(f"--out {args.out}: the output is a .safetensors file")
     try:
-        from safetensors.torch import save_file
+        from safetensors import SafetensorError
+        from safetensors.torch import save
     except ImportError:
         raise ImportError("convert writes safetensors: pip install 'tfcompat-ema[checkpoint]'"
                           ) from None
-    ckpt = read_checkpoint(args.checkpoint)
-    state, report = names.to_torch(ckpt.tensors, averaged=args.averaged,
-                                   strict=not args.non_strict)
-    directory = os.path.dirname(os.path.abspath(args.out))
-    descriptor, temporary = tempfile.mkstemp(suffix=".safetensors", dir=directory)
-    os.close(descriptor)
-    try:
-        save_file({k: v.contiguous() for k, v in state.items()}, temporary,
-                  metadata={"source": ckpt.prefix, "format": ckpt.format,
-                            "values": "averaged" if args.averaged else "raw"})
-        os.replace(temporary, args.out)
-    finally:
-        if os.path.exists(temporary):
-            os.remove(temporary)
+    # The temporary file exists from here on: a failure or signal below removes it.
+    with AtomicOutput(args.out, replace=args.force, label="--out") as output:
+        ckpt = read_checkpoint(args.checkpoint)
+        state, report = names.to_torch(ckpt.tensors, averaged=args.averaged,
+                                       strict=not args.non_strict)
+        try:
+            data = save({k: v.contiguous() for k, v in state.items()},
+                        metadata={"source": ckpt.prefix, "format": ckpt.format,
+                                  "values": "averaged" if args.averaged else "raw"})
+        except SafetensorError as error:
+            raise OutputError(f"--out {args.out}: safetensors cannot hold this state ({error})"
+                              ) from None
+        output.write(data)
+        output.commit()
     print(report)
     print(f"wrote {len(state)} tensors ({'averaged' if args.averaged else 'raw'}) to {args.out}")
     return 0

@@ -77,6 +77,26 @@ def _identity(x: Tensor) -> Tensor:
     return x.clone()
 
 
+def _vector_to_torch(bias: Tensor) -> Tuple[Tensor]:
+    _check_rank(bias, 1, "a bias [out]")
+    return (bias.clone(),)
+
+
+def _vector_to_tf(bias: Tensor) -> Tensor:
+    _check_rank(bias, 1, "a bias [out]")
+    return bias.clone()
+
+
+def _matrix_to_torch(table: Tensor) -> Tuple[Tensor]:
+    _check_rank(table, 2, "an embedding matrix [vocab, dim]")
+    return (table.clone(),)
+
+
+def _matrix_to_tf(weight: Tensor) -> Tensor:
+    _check_rank(weight, 2, "an Embedding weight [vocab, dim]")
+    return weight.clone()
+
+
 def _transpose_to_torch(kernel: Tensor) -> Tuple[Tensor]:
     _check_rank(kernel, 2, "a dense kernel [in, out]")
     return (kernel.t().contiguous(),)
@@ -108,21 +128,51 @@ def _conv_to_tf(weight: Tensor) -> Tensor:
 _TF1_TO_TORCH_GATES = (0, 2, 1, 3)
 
 
-def _swap_gates(x: Tensor, dim: int) -> Tensor:
-    blocks = x.chunk(4, dim=dim)
+def _swap_gates(x: Tensor, dim: int, what: str) -> Tensor:
+    units = _gate_count(x, dim, what)
+    blocks = x.split(units, dim=dim)
     return torch.cat([blocks[i] for i in _TF1_TO_TORCH_GATES], dim=dim)
 
 
 def _gate_count(x: Tensor, dim: int, what: str) -> int:
+    """The hidden size of a tensor whose axis ``dim`` holds 4 gate blocks (a positive size)."""
     if x.shape[dim] % 4:
         raise ValueError(f"{what}: the gate axis has {x.shape[dim]} entries, not a multiple of 4 "
                          f"(shape {tuple(x.shape)})")
+    if x.shape[dim] == 0:
+        raise ValueError(f"{what}: the gate axis is empty, hidden size 0 (shape "
+                         f"{tuple(x.shape)})")
     return x.shape[dim] // 4
 
 
 def _check_rank(x: Tensor, rank: int, what: str) -> None:
+    if not isinstance(x, Tensor):
+        raise TypeError(f"expected {what} as a tensor, got {type(x).__name__}")
     if x.dim() != rank:
         raise ValueError(f"expected {what}, got shape {tuple(x.shape)}")
+
+
+def _check_gate_rows(weight: Tensor, units: int, what: str) -> None:
+    """``weight`` [4 * units, ...]: its rows must be the 4 gates of ``units`` hidden units."""
+    if weight.shape[0] != 4 * units:
+        raise ValueError(f"{what} has {weight.shape[0]} rows, not 4 x hidden size {units} = "
+                         f"{4 * units} (shape {tuple(weight.shape)})")
+
+
+def _check_alike(what: str, tensors: Dict[str, Tensor]) -> None:
+    """Tensors joined into one TF variable must agree in dtype and device (no promotion)."""
+    first_name, first = next(iter(tensors.items()))
+    for name, tensor in tensors.items():
+        if tensor.dtype != first.dtype or tensor.device != first.device:
+            raise ValueError(f"{what}: {name} is {str(tensor.dtype).replace('torch.', '')} on "
+                             f"{tensor.device}, {first_name} "
+                             f"{str(first.dtype).replace('torch.', '')} on {first.device}")
+
+
+def _check_floating(x: Tensor, what: str) -> None:
+    if not x.is_floating_point():
+        raise ValueError(f"{what} is {str(x.dtype).replace('torch.', '')}; an LSTM bias is a "
+                         "floating-point tensor")
 
 
 def _add_exact(x: Tensor, extra: Tensor) -> Tensor:
@@ -140,18 +190,18 @@ def _forget_bias_vector(units: int, forget_bias: float, like: Tensor) -> Tensor:
 def dense(kernel: str = "kernel", bias: str = "bias") -> Layout:
     """``tf.layers.dense`` / Keras ``Dense`` / TF1 ``linear()`` <-> ``nn.Linear``."""
     return [Part(kernel, ("weight",), _transpose_to_torch, _transpose_to_tf),
-            Part(bias, ("bias",), _same, _identity, optional=True)]
+            Part(bias, ("bias",), _vector_to_torch, _vector_to_tf, optional=True)]
 
 
 def conv(kernel: str = "kernel", bias: str = "bias") -> Layout:
     """``tf.nn.conv1d/conv2d/conv3d`` kernels (spatial dims, in, out) <-> ``nn.ConvNd``."""
     return [Part(kernel, ("weight",), _conv_to_torch, _conv_to_tf),
-            Part(bias, ("bias",), _same, _identity, optional=True)]
+            Part(bias, ("bias",), _vector_to_torch, _vector_to_tf, optional=True)]
 
 
 def embedding() -> Layout:
     """An embedding matrix [vocab, dim] (the TF variable itself) <-> ``nn.Embedding.weight``."""
-    return [Part("", ("weight",), _same, _identity)]
+    return [Part("", ("weight",), _matrix_to_torch, _matrix_to_tf)]
 
 
 def tensor() -> Layout:
@@ -180,25 +230,40 @@ def tf1_lstm(kernel: str = "kernel", bias: str = "bias", torch_suffix: str = "_l
         if matrix.shape[0] <= units:
             raise ValueError(f"LSTM kernel shape {tuple(matrix.shape)} leaves no input rows "
                              f"for {units} units")
-        weight = _swap_gates(matrix, dim=1).t()
+        weight = _swap_gates(matrix, 1, "LSTM kernel").t()
         inputs = matrix.shape[0] - units
         return weight[:, :inputs].contiguous(), weight[:, inputs:].contiguous()
 
     def kernel_to_tf(weight_ih: Tensor, weight_hh: Tensor) -> Tensor:
-        _check_rank(weight_ih, 2, "weight_ih [4h, in]")
-        _check_rank(weight_hh, 2, "weight_hh [4h, h]")
-        return _swap_gates(torch.cat([weight_ih, weight_hh], dim=1), dim=0).t().contiguous()
+        _check_rank(weight_ih, 2, f"{names[0]} [4h, in]")
+        _check_rank(weight_hh, 2, f"{names[1]} [4h, h]")
+        units = weight_hh.shape[1]
+        if units == 0:
+            raise ValueError(f"{names[1]} {tuple(weight_hh.shape)}: hidden size 0")
+        _check_gate_rows(weight_hh, units, names[1])
+        _check_gate_rows(weight_ih, units, names[0])
+        _check_alike("LSTM kernel", {names[0]: weight_ih, names[1]: weight_hh})
+        matrix = torch.cat([weight_ih, weight_hh], dim=1)
+        return _swap_gates(matrix, 0, "LSTM kernel").t().contiguous()
 
     def bias_to_torch(vector: Tensor) -> Tuple[Tensor, Tensor]:
         _check_rank(vector, 1, "an LSTM bias [4h]")
+        _check_floating(vector, "LSTM bias")
         units = _gate_count(vector, 0, "LSTM bias")
-        return _swap_gates(vector, dim=0), _forget_bias_vector(units, forget_bias, vector)
+        return _swap_gates(vector, 0, "LSTM bias"), \
+            _forget_bias_vector(units, forget_bias, vector)
 
     def bias_to_tf(bias_ih: Tensor, bias_hh: Tensor) -> Tensor:
-        _check_rank(bias_ih, 1, "bias_ih [4h]")
-        units = _gate_count(bias_ih, 0, "bias_ih")
+        _check_rank(bias_ih, 1, f"{names[2]} [4h]")
+        _check_rank(bias_hh, 1, f"{names[3]} [4h]")
+        units = _gate_count(bias_ih, 0, names[2])
+        if bias_hh.shape != bias_ih.shape:
+            raise ValueError(f"{names[3]} has shape {tuple(bias_hh.shape)}, {names[2]} "
+                             f"{tuple(bias_ih.shape)}")
+        _check_alike("LSTM bias", {names[2]: bias_ih, names[3]: bias_hh})
+        _check_floating(bias_ih, names[2])
         extra = bias_hh - _forget_bias_vector(units, forget_bias, bias_hh)
-        return _swap_gates(_add_exact(bias_ih, extra), dim=0)
+        return _swap_gates(_add_exact(bias_ih, extra), 0, "LSTM bias")
 
     return [Part(kernel, names[:2], kernel_to_torch, kernel_to_tf),
             Part(bias, names[2:], bias_to_torch, bias_to_tf)]
@@ -214,16 +279,47 @@ def keras_lstm(kernel: str = "kernel", recurrent_kernel: str = "recurrent_kernel
     weight_ih, weight_hh, bias_ih, bias_hh = (f"{leaf}{torch_suffix}" for leaf in
                                               ("weight_ih", "weight_hh", "bias_ih", "bias_hh"))
 
+    def kernel_to_torch(matrix: Tensor) -> Tuple[Tensor]:
+        _check_rank(matrix, 2, "an LSTM kernel [in, 4h]")
+        _gate_count(matrix, 1, "LSTM kernel")
+        return _transpose_to_torch(matrix)
+
+    def kernel_to_tf(weight: Tensor) -> Tensor:
+        _check_rank(weight, 2, f"{weight_ih} [4h, in]")
+        _gate_count(weight, 0, weight_ih)
+        return _transpose_to_tf(weight)
+
+    def recurrent_to_torch(matrix: Tensor) -> Tuple[Tensor]:
+        _check_rank(matrix, 2, "an LSTM recurrent kernel [h, 4h]")
+        if matrix.shape[0] == 0 or matrix.shape[1] != 4 * matrix.shape[0]:
+            raise ValueError(f"LSTM recurrent kernel: expected [h, 4h] with h > 0, got shape "
+                             f"{tuple(matrix.shape)}")
+        return _transpose_to_torch(matrix)
+
+    def recurrent_to_tf(weight: Tensor) -> Tensor:
+        _check_rank(weight, 2, f"{weight_hh} [4h, h]")
+        if weight.shape[1] == 0:
+            raise ValueError(f"{weight_hh} {tuple(weight.shape)}: hidden size 0")
+        _check_gate_rows(weight, weight.shape[1], weight_hh)
+        return _transpose_to_tf(weight)
+
     def bias_to_torch(vector: Tensor) -> Tuple[Tensor, Tensor]:
         _check_rank(vector, 1, "an LSTM bias [4h]")
         _gate_count(vector, 0, "LSTM bias")
         return vector.clone(), torch.zeros_like(vector)
 
     def bias_to_tf(b_ih: Tensor, b_hh: Tensor) -> Tensor:
+        _check_rank(b_ih, 1, f"{bias_ih} [4h]")
+        _check_rank(b_hh, 1, f"{bias_hh} [4h]")
+        _gate_count(b_ih, 0, bias_ih)
+        if b_hh.shape != b_ih.shape:
+            raise ValueError(f"{bias_hh} has shape {tuple(b_hh.shape)}, {bias_ih} "
+                             f"{tuple(b_ih.shape)}")
+        _check_alike("LSTM bias", {bias_ih: b_ih, bias_hh: b_hh})
         return _add_exact(b_ih, b_hh)
 
-    return [Part(kernel, (weight_ih,), _transpose_to_torch, _transpose_to_tf),
-            Part(recurrent_kernel, (weight_hh,), _transpose_to_torch, _transpose_to_tf),
+    return [Part(kernel, (weight_ih,), kernel_to_torch, kernel_to_tf),
+            Part(recurrent_kernel, (weight_hh,), recurrent_to_torch, recurrent_to_tf),
             Part(bias, (bias_ih, bias_hh), bias_to_torch, bias_to_tf)]
 
 
@@ -235,6 +331,8 @@ LAYOUTS: Dict[str, Callable[..., Layout]] = {
 
 def make(name: str, **options) -> Layout:
     """The built-in layout ``name`` with its options (leaf names, ``forget_bias``, ...)."""
+    if not isinstance(name, str):
+        raise ValueError(f"a layout is named by a string, got {name!r}")
     try:
         factory = LAYOUTS[name]
     except KeyError:

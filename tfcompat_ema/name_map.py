@@ -11,7 +11,12 @@ maps ``highway.layers.0.trans.weight`` [out, in] to ``highway/layer_0/trans/Matr
 [in, out] and back. Placeholders: ``{name}`` is one name segment; ``{name*}`` one or more
 (``a.b`` in PyTorch is ``a/b`` in TF); ``{name:REGEX}`` text matching REGEX (on both
 sides, given on either). Outside placeholders a pattern is literal text. The first rule
-that matches a name wins.
+that matches a name wins. Regexes (here and in the ignore lists) are matched in linear
+time (:mod:`tfcompat_ema.linear_regex`): no rule set can make a load hang.
+
+Modules: :mod:`~tfcompat_ema.rules` (patterns and rules), :mod:`~tfcompat_ema.rules_file`
+(rule sets as TOML or dicts), :mod:`~tfcompat_ema.report` (the report and its error);
+this one applies a rule set to checkpoints, models and EMAs.
 
 Loading is strict by default: every TF variable must be used (or ignored with
 ``ignore_tf``), every PyTorch entry must be found (or ignored with ``ignore_torch``), and
@@ -20,177 +25,23 @@ every shape and dtype must agree; all problems are reported together in one
 """
 from __future__ import annotations
 
+import os
 import re
-from dataclasses import dataclass, field
-from typing import Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
 
-from . import layouts
+from . import linear_regex
 from .ema import NUM_UPDATES_KEY, ExponentialMovingAverage
+from .report import MappingError, Report, describe as _describe
+from .rules import Rule, join as _join
+from .rules_file import read_rules_file, rules_from_dict
 
 Tensor = torch.Tensor
 DEFAULT_EMA_NAME = "ExponentialMovingAverage"
 _DEBIAS_LEAVES = ("biased", "local_step")
-_PLACEHOLDER = re.compile(r"\{(\w+)(\*|:[^{}]*)?\}")
-
-
-class MappingError(ValueError):
-    """A checkpoint and a model do not fit the rules; ``report`` says everywhere they don't."""
-
-    def __init__(self, report: "Report"):
-        super().__init__(str(report))
-        self.report = report
-
-
-@dataclass
-class Report:
-    """What a mapping did, and every problem it found (``ok`` when there are none)."""
-    mapped: Dict[str, str] = field(default_factory=dict)     # PyTorch name -> TF source
-    unused: List[str] = field(default_factory=list)          # TF variables nothing used
-    missing: List[str] = field(default_factory=list)         # PyTorch entries nothing gave
-    mismatches: List[str] = field(default_factory=list)      # shapes, dtypes, conversions
-    raw_fallbacks: List[str] = field(default_factory=list)   # averaged load, no average saved
-    skipped: List[str] = field(default_factory=list)         # EMA state not asked for
-
-    @property
-    def ok(self) -> bool:
-        return not (self.unused or self.missing or self.mismatches)
-
-    def __str__(self) -> str:
-        lines = [f"{len(self.mapped)} PyTorch entries mapped"
-                 + ("" if self.ok else "; the checkpoint and the model do not fit the rules")]
-        for title, items in (("TF variables not used", self.unused),
-                             ("PyTorch entries not found", self.missing),
-                             ("shape/dtype mismatches", self.mismatches),
-                             ("no average saved, raw value used", self.raw_fallbacks),
-                             ("EMA state left out", self.skipped)):
-            if items:
-                lines.append(f"{title} ({len(items)}):")
-                lines.extend(f"  {item}" for item in items)
-        return "\n".join(lines)
-
-
-class _Pattern:
-    """One side of a rule: a regex to match names, a template to write them."""
-
-    def __init__(self, text: str, separator: str, regexes: Mapping[str, str] = {}):
-        if not isinstance(text, str):
-            raise ValueError(f"a rule pattern must be a string, got {text!r}")
-        self.text, self.separator = text, separator
-        self.names, self.multi, self.regexes = set(), set(), {}
-        regex, literals, position = [], [], 0
-        for match in _PLACEHOLDER.finditer(text):
-            literals.append(text[position:match.start()])
-            name, kind = match.group(1), match.group(2) or ""
-            segment = r"[^./]+"
-            if kind == "*":
-                self.multi.add(name)
-                body = f"{segment}(?:{re.escape(separator)}{segment})*"
-            elif kind:
-                body = self.regexes[name] = kind[1:]
-            else:
-                body = regexes.get(name, segment)
-            if name in self.names:
-                raise ValueError(f"pattern {text!r}: placeholder {{{name}}} appears twice")
-            self.names.add(name)
-            regex += [re.escape(literals[-1]), f"(?P<{name}>{body})"]
-            position = match.end()
-        literals.append(text[position:])
-        regex.append(re.escape(literals[-1]))
-        if any("{" in literal or "}" in literal for literal in literals):
-            raise ValueError(f"pattern {text!r}: braces must be placeholders like {{name}}")
-        self.regex = "".join(regex)
-        try:
-            re.compile(self.regex)
-        except re.error as error:
-            raise ValueError(f"pattern {text!r}: bad regex ({error})") from None
-
-    def with_leaf(self, leaf: str) -> "re.Pattern":
-        if not self.text:                   # the module is the model itself: names are leaves
-            return re.compile(re.escape(leaf))
-        return re.compile(self.regex + (re.escape(self.separator + leaf) if leaf else ""))
-
-    def format(self, values: Mapping[str, str], source: "_Pattern") -> str:
-        def value(match):
-            text = values[match.group(1)]
-            if match.group(1) in self.multi:
-                return text.replace(source.separator, self.separator)
-            return text
-        return _PLACEHOLDER.sub(value, self.text)
-
-
-class Rule:
-    """PyTorch module path <-> TF scope, with the layout of the weights below them.
-
-    Args:
-        torch: the PyTorch pattern (dots between names), e.g. ``"main.g{k}"``.
-        tf: the TF pattern (slashes between names), e.g. ``"main/g{k}/FW/BasicLSTMCell"``.
-        layout: a built-in layout name (see :mod:`tfcompat_ema.layouts`).
-        **options: the layout's options, e.g. ``kernel="Linear/Matrix"``.
-
-    Example:
-        >>> from tfcompat_ema import Rule
-        >>> rule = Rule("emb.char", "emb/emb_var/char_emb_mat", "embedding")
-        >>> rule.tf_names("emb.char.weight")
-        ['emb/emb_var/char_emb_mat']
-    """
-
-    def __init__(self, torch: str, tf: str, layout: str = "tensor", **options):
-        # A placeholder's regex, given on either side, holds on both.
-        regexes = {**_Pattern(torch, ".").regexes, **_Pattern(tf, "/").regexes}
-        self.torch_pattern = _Pattern(torch, ".", regexes)
-        self.tf_pattern = _Pattern(tf, "/", regexes)
-        if self.torch_pattern.names != self.tf_pattern.names:
-            raise ValueError(f"rule {torch!r} -> {tf!r}: both sides need the same placeholders, "
-                             f"got {sorted(self.torch_pattern.names)} and "
-                             f"{sorted(self.tf_pattern.names)}")
-        self.layout_name = layout
-        self.options = dict(options)
-        self.layout = layouts.make(layout, **options)
-        self._tf = [self.tf_pattern.with_leaf(part.tf) for part in self.layout]
-        self._torch = [self.torch_pattern.with_leaf(part.torch[0]) for part in self.layout]
-
-    def __repr__(self) -> str:
-        options = "".join(f", {k}={v!r}" for k, v in self.options.items())
-        return (f"Rule({self.torch_pattern.text!r}, {self.tf_pattern.text!r}, "
-                f"{self.layout_name!r}{options})")
-
-    def match_tf(self, tf_name: str) -> Optional[Tuple[layouts.Part, List[str]]]:
-        """The layout part ``tf_name`` is, and the PyTorch names it becomes; None if no match."""
-        for part, regex in zip(self.layout, self._tf):
-            match = regex.fullmatch(tf_name)
-            if match:
-                prefix = self.torch_pattern.format(match.groupdict(), self.tf_pattern)
-                return part, [_join(prefix, leaf, ".") for leaf in part.torch]
-        return None
-
-    def match_torch(self, torch_name: str) -> Optional[Tuple[layouts.Part, List[str], str]]:
-        """The part whose first PyTorch leaf is ``torch_name``: (part, its names, TF name)."""
-        for part, regex in zip(self.layout, self._torch):
-            match = regex.fullmatch(torch_name)
-            if match:
-                prefix = self.torch_pattern.format(match.groupdict(), self.torch_pattern)
-                scope = self.tf_pattern.format(match.groupdict(), self.torch_pattern)
-                return part, [_join(prefix, leaf, ".") for leaf in part.torch], \
-                    _join(scope, part.tf, "/")
-        return None
-
-    def tf_names(self, torch_name: str) -> List[str]:
-        """The TF variables that ``torch_name`` goes into (empty if the rule misses it)."""
-        names = []
-        for part in self.layout:
-            for leaf in part.torch:
-                match = self.torch_pattern.with_leaf(leaf).fullmatch(torch_name)
-                if match:
-                    scope = self.tf_pattern.format(match.groupdict(), self.torch_pattern)
-                    names.append(_join(scope, part.tf, "/"))
-        return names
-
-
-def _join(prefix: str, leaf: str, separator: str) -> str:
-    return f"{prefix}{separator}{leaf}" if leaf and prefix else (leaf or prefix)
+__all__ = ["NameMap", "Rule", "Report", "MappingError", "DEFAULT_EMA_NAME"]
 
 
 def _ema_state_key(key: str, ema_name: str) -> Optional[Tuple[str, str, str]]:
@@ -212,7 +63,9 @@ class NameMap:
 
     Args:
         rules: :class:`Rule` objects, tried in order.
-        ignore_tf: regexes of TF names to leave out (``global_step``, optimizer slots, ...).
+        ignore_tf: regexes of TF names to leave out (``global_step``, optimizer slots, ...),
+            matched against whole names; one string is one regex. The syntax is the regular
+            subset of Python's (:mod:`tfcompat_ema.linear_regex`), matched in linear time.
         ignore_torch: regexes of PyTorch names to leave out (buffers TF has no variable for).
         ema_name: the TF EMA's name, the last part of its averages' names
             (``dense/kernel/ExponentialMovingAverage``); another EMA over the same
@@ -231,14 +84,15 @@ class NameMap:
         0.5
     """
 
-    def __init__(self, rules: Sequence[Rule], ignore_tf: Sequence[str] = (),
-                 ignore_torch: Sequence[str] = (), ema_name: str = DEFAULT_EMA_NAME):
+    def __init__(self, rules: Sequence[Rule], ignore_tf: Union[str, Sequence[str]] = (),
+                 ignore_torch: Union[str, Sequence[str]] = (),
+                 ema_name: str = DEFAULT_EMA_NAME):
         self.rules = list(rules)
         for rule in self.rules:
             if not isinstance(rule, Rule):
                 raise TypeError(f"rules must be Rule objects, got {type(rule).__name__}")
-        self.ignore_tf = [_compile(p, "ignore_tf") for p in ignore_tf]
-        self.ignore_torch = [_compile(p, "ignore_torch") for p in ignore_torch]
+        self.ignore_tf = _patterns(ignore_tf, "ignore_tf")
+        self.ignore_torch = _patterns(ignore_torch, "ignore_torch")
         if not isinstance(ema_name, str) or not ema_name or "/" in ema_name:
             raise ValueError(f"ema_name must be a name without '/', got {ema_name!r}")
         self.ema_name = ema_name
@@ -257,42 +111,17 @@ class NameMap:
             kernel = "Matrix"
             bias = "Bias"
         """
-        spec = dict(spec)
-        rules = spec.pop("rule", [])
-        known = {"ema_name", "ignore_tf", "ignore_torch"}
-        if set(spec) - known:
-            raise ValueError(f"unknown rule-set keys {sorted(set(spec) - known)}; "
-                             f"expected [[rule]] tables and {sorted(known)}")
-        built = []
-        for index, entry in enumerate(rules, 1):
-            entry = dict(entry)
-            try:
-                torch_pattern, tf_pattern = entry.pop("torch"), entry.pop("tf")
-            except KeyError as key:
-                raise ValueError(f"rule {index} has no {key} pattern") from None
-            try:
-                built.append(Rule(torch_pattern, tf_pattern, entry.pop("layout", "tensor"),
-                                  **entry))
-            except ValueError as error:
-                raise ValueError(f"rule {index}: {error}") from None
-        return cls(built, **spec)
+        rules, options = rules_from_dict(spec)
+        return cls(rules, **options)
 
     @classmethod
     def from_file(cls, path) -> "NameMap":
-        """A rule set from a TOML file (see :meth:`from_dict`)."""
-        try:
-            import tomllib
-        except ImportError:                      # Python < 3.11
-            import tomli as tomllib
-        with open(path, "rb") as file:
-            try:
-                spec = tomllib.load(file)
-            except tomllib.TOMLDecodeError as error:
-                raise ValueError(f"{path}: not a valid TOML rules file ({error})") from None
+        """A rule set from a TOML file (see :meth:`from_dict`); errors name the file."""
+        spec = read_rules_file(path)
         try:
             return cls.from_dict(spec)
         except (ValueError, TypeError) as error:
-            raise ValueError(f"{path}: {error}") from None
+            raise ValueError(f"{os.fspath(path)}: {error}") from None
 
     # ------------------------------------------------------------------ TF -> PyTorch
     def to_torch(self, tf_vars: Mapping[str, Tensor], averaged: bool = True,
@@ -382,6 +211,11 @@ class NameMap:
                 continue        # not a part's first entry: checked below
             part, names, tf_name = matched
             where = f"(rule {index} {rule!r})"
+            if not tf_name:                 # TF's writer dies (SIGABRT) on an empty name
+                claimed.update(names)
+                report.mismatches.append(f"{key!r}: rule {index} {rule!r} gives it an empty TF "
+                                         "name")
+                continue
             absent = [name for name in names if name not in torch_state]
             claimed.update(names)
             if absent:
@@ -500,10 +334,10 @@ class NameMap:
         return tf_vars
 
     def _ignored_tf(self, name: str) -> bool:
-        return any(p.fullmatch(name) for p in self.ignore_tf)
+        return any(p.fullmatch(name) is not None for p in self.ignore_tf)
 
     def _ignored_torch(self, name: str) -> bool:
-        return any(p.fullmatch(name) for p in self.ignore_torch)
+        return any(p.fullmatch(name) is not None for p in self.ignore_torch)
 
 
 def _averages(ema: ExponentialMovingAverage, names) -> Dict[str, Tensor]:
@@ -533,12 +367,20 @@ def _load_all(loads) -> None:
         raise
 
 
-def _compile(pattern: str, what: str) -> "re.Pattern":
-    try:
-        return re.compile(pattern)
-    except (re.error, TypeError) as error:
-        raise ValueError(f"{what}: bad regex {pattern!r} ({error})") from None
-
-
-def _describe(tensor: Tensor) -> str:
-    return f"{list(tensor.shape)} {str(tensor.dtype).replace('torch.', '')}"
+def _patterns(patterns: Union[str, Iterable[str]], what: str) -> List[linear_regex.Regex]:
+    """``ignore_tf``/``ignore_torch``: one pattern (a string) or several, each compiled."""
+    if isinstance(patterns, str):
+        patterns = [patterns]
+    elif not isinstance(patterns, Iterable) or isinstance(patterns, (bytes, Mapping)):
+        raise TypeError(f"{what} must be a regex or a list of regexes, got "
+                        f"{type(patterns).__name__}")
+    compiled = []
+    for pattern in patterns:
+        if not isinstance(pattern, str):
+            raise TypeError(f"{what}: {pattern!r} is a {type(pattern).__name__}, not a regex "
+                            "string")
+        try:
+            compiled.append(linear_regex.compile(pattern))
+        except linear_regex.RegexError as error:
+            raise ValueError(f"{what}: bad regex {pattern!r} ({error})") from None
+    return compiled
