@@ -62,6 +62,7 @@ PEERS ?= torch-ema==0.3 ema-pytorch==0.8.3 timm==1.0.31
 bench: $(STAMP)
 	$(PY) -m pip install -q --no-deps $(PEERS) || echo "peers not installed: timing without them"
 	$(PY) -m bench $(BENCH_ARGS)
+	$(PY) -m bench.checkpoint
 
 clean:
 	rm -rf $(VENV) $(OLDEST_VENV) build *.egg-info .pytest_cache .hypothesis

@@ -123,3 +123,29 @@ class KernelEntryTest(unittest.TestCase):
 
 if __name__ == "__main__":
     unittest.main()
+
+
+class FreedStorageTest(unittest.TestCase):
+    """Storage freed or shrunk under a variable or an average (FSDP frees with resize_(0))."""
+
+    def test_freed_or_shrunk_storage_is_refused_not_read(self):
+        result = run_child("""
+            import torch
+            from tfcompat_ema import ExponentialMovingAverage
+            for target in ("variable", "average"):
+                for size in (0, 16):
+                    w = torch.randn(1 << 20)
+                    ema = ExponentialMovingAverage(0.9)
+                    ema.apply({"w": w})
+                    tensor = w if target == "variable" else ema.state_dict()["w/ExponentialMovingAverage"]
+                    tensor.untyped_storage().resize_(size)
+                    try:
+                        ema.apply({"w": w})
+                    except RuntimeError as error:
+                        assert "storage" in str(error) and "'w'" in str(error), error
+                    else:
+                        raise AssertionError(f"{target} resized to {size}: accepted")
+            print("ok")
+        """)
+        self.assertEqual(result.returncode, 0, result.stderr[-2000:])
+        self.assertIn("ok", result.stdout)

@@ -98,10 +98,9 @@ class DebiasStateTest(unittest.TestCase):
         source = ExponentialMovingAverage(0.9, zero_debias=True)
         source.apply_tensors({"loss": torch.tensor(3.0)})
         target = ExponentialMovingAverage(0.9)
-        target.load_state_dict(source.state_dict())
         with self.assertRaisesRegex(ValueError, "zero-debias"):
-            target.apply_tensors({"loss": torch.tensor(1.0)})
-        self.assertIn("loss/ExponentialMovingAverage/biased", target.state_dict())
+            target.load_state_dict(source.state_dict())      # found at load time
+        self.assertEqual(target.state_dict(), {})
 
 
 class FirstApplyTest(unittest.TestCase):
@@ -213,3 +212,54 @@ class EMAModuleTest(unittest.TestCase):
 
 if __name__ == "__main__":
     unittest.main()
+
+
+class FoundByNewUsersTest(StateKeeper):
+    """Found by trying the library from its README (hostile new-user sessions)."""
+
+    def test_copy_to_refuses_unwritable_targets_before_writing(self):
+        ema = ExponentialMovingAverage(0.9)
+        ema.apply({"a": torch.ones(3), "x": torch.ones(5, 8)})
+        with torch.inference_mode():
+            frozen = torch.zeros(5, 8)
+        for bad, message in ((torch.zeros(1, 8).expand(5, 8), "share memory"),
+                             (frozen, "inference"), (ema.average("x"), "an average")):
+            first = torch.zeros(3)
+            with self.assertRaisesRegex(ValueError, f"target 'x'.*{message}"):
+                ema.copy_to({"a": first, "x": bad})
+            self.assertTrue(torch.equal(first, torch.zeros(3)), message)
+        strided = torch.zeros(10, 8)[::2]               # not dense, but no shared elements
+        ema.copy_to({"x": strided})
+        self.assertTrue(torch.equal(strided, ema.average("x")))
+
+    def test_meta_device_is_refused(self):
+        with self.assertRaisesRegex(ValueError, "meta"):
+            self.ema.to("meta")
+        self.assert_unchanged()
+
+    def test_one_variable_has_one_average(self):
+        with self.assertRaisesRegex(ValueError, "'alias' is the tensor averaged as 'w'"):
+            self.ema.apply({"alias": self.w})
+        v = torch.ones(2)
+        with self.assertRaisesRegex(ValueError, "'q' is the tensor averaged as 'p'"):
+            self.ema.apply({"p": v, "q": v})
+        self.assert_unchanged()
+        self.assertEqual(self.ema.average_name(self.w), "w/ExponentialMovingAverage")
+
+    def test_the_automatic_count_stops_at_int64(self):
+        state = dict(self.before)
+        state["num_updates"] = torch.tensor(2 ** 63 - 1)
+        self.ema.load_state_dict(state)
+        with self.assertRaisesRegex(ValueError, "int64"):
+            self.ema.apply()
+        self.assertEqual(self.ema.num_updates, 2 ** 63 - 1)
+        self.ema.state_dict()                          # still saveable
+
+    def test_loaded_average_mismatch_names_both_sides(self):
+        ema = ExponentialMovingAverage(0.9)
+        ema.load_state_dict({"w/ExponentialMovingAverage": torch.zeros(3, 4, dtype=torch.float64)})
+        with self.assertRaisesRegex(ValueError, r"'w' has shape \(3, 5\) and dtype torch.float32, "
+                                                r"but its loaded average"):
+            ema.apply({"w": torch.zeros(3, 5)})
+        with self.assertRaisesRegex(ValueError, "empty"):
+            ema.apply({"": torch.zeros(3, 4, dtype=torch.float64)})

@@ -8,14 +8,29 @@
 >>> ema.average_name("w")
 'w/ExponentialMovingAverage'
 """
-from .ema import AUTO, ExponentialMovingAverage
-from .keras_ema import KerasEMA
-from .kernels import fused_available
-from .module import EMAModule
-from .name_map import MappingError, NameMap, Report, Rule
-from .tf_checkpoint import CheckpointError, TFCheckpoint, read_checkpoint, write_checkpoint
+import importlib
 
-__all__ = ["AUTO", "EMAModule", "ExponentialMovingAverage", "KerasEMA", "fused_available",
-           "NameMap", "Rule", "Report", "MappingError",
-           "read_checkpoint", "write_checkpoint", "TFCheckpoint", "CheckpointError"]
+# Names are imported on first use (PEP 562), so that the CLI's ``inspect`` and the checkpoint
+# reader start without importing torch; ``from tfcompat_ema import X`` works as usual.
+_HOMES = {
+    "AUTO": "ema", "ExponentialMovingAverage": "ema", "KerasEMA": "keras_ema",
+    "fused_available": "kernels", "EMAModule": "module",
+    "NameMap": "name_map", "Rule": "name_map", "Report": "name_map", "MappingError": "name_map",
+    "read_checkpoint": "tf_checkpoint", "write_checkpoint": "tf_checkpoint",
+    "TFCheckpoint": "tf_checkpoint", "CheckpointError": "tf_checkpoint",
+}
+__all__ = sorted(_HOMES)
 __version__ = "0.1.0"
+
+
+def __getattr__(name):
+    home = _HOMES.get(name)
+    if home is None:
+        raise AttributeError(f"module 'tfcompat_ema' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{home}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_HOMES))

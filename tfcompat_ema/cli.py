@@ -21,7 +21,8 @@ import signal
 import sys
 from typing import List, Optional
 
-from .name_map import DEFAULT_EMA_NAME, MappingError, NameMap, _ema_state_key
+from .ema_names import DEFAULT_EMA_NAME, ema_state_key
+from .report import MappingError
 from .output import AtomicOutput, OutputError, Terminated, raise_on_signals
 
 PROG = "tfcompat-ema"
@@ -119,12 +120,13 @@ def _install_signal_handlers() -> dict:
 
 
 def _inspect(args) -> int:
-    from .tf_checkpoint import read_checkpoint
-    ckpt = read_checkpoint(args.checkpoint)
+    # Shapes and dtypes only, read without torch: inspect starts in a fraction of a second.
+    from .checkpoint.reader import read
+    ckpt = read(args.checkpoint, lambda dtype_name, array: _Summary(array.shape, dtype_name))
     tensors = ckpt.tensors
     variables, averages, debiased = [], {}, set()
     for key in sorted(tensors):
-        found = _ema_state_key(key, args.ema_name)
+        found = ema_state_key(key, args.ema_name)
         if found is None:
             variables.append(key)
         elif found[2]:
@@ -150,6 +152,7 @@ def _inspect(args) -> int:
 
 
 def _convert(args) -> int:
+    from .name_map import NameMap
     from .tf_checkpoint import read_checkpoint
     try:
         names = NameMap.from_file(args.map)       # before the (slow) checkpoint read
@@ -180,6 +183,13 @@ def _convert(args) -> int:
     print(report)
     print(f"wrote {len(state)} tensors ({'averaged' if args.averaged else 'raw'}) to {args.out}")
     return 0
+
+
+class _Summary:
+    """What inspect shows of an entry."""
+
+    def __init__(self, shape, dtype: str):
+        self.shape, self.dtype = tuple(shape), dtype
 
 
 def _shape(tensor) -> str:

@@ -194,14 +194,26 @@ class ExponentialMovingAverage(EvaluationMixin):
     def _check_update(self, pairs: List[Tuple[str, Tensor]], variables: bool) -> None:
         """Every check of an update, done before anything changes."""
         kind = "variable" if variables else "tensor"
+        names_by_id: Dict[int, str] = {}
         for name, value in pairs:
             check.check_tensor(name, value, what=kind)
             if self._xla:
                 kernels.check_xla(name, value)
+            if variables:       # one variable, one average (TF keys averages by variable)
+                other = names_by_id.setdefault(id(value), name)
+                tracked = self._names_by_id.get(id(value))
+                if other == name and tracked not in (None, name) and \
+                        self._slots[tracked].var is value:
+                    other = tracked
+                if other != name:
+                    raise ValueError(f"{name!r} is the tensor averaged as {other!r}: one "
+                                     "variable has one average")
             slot = self._slots.get(name)
             if slot is None:
                 self._check_new(name, value, variables)
                 continue
+            for average in slot.state().values():
+                check.check_storage(name, average, what="the average of")
             if (slot.var is not None) != variables:
                 other = "a variable (use apply)" if slot.var is not None else \
                     "a fed tensor (use apply_tensors)"
@@ -225,7 +237,7 @@ class ExponentialMovingAverage(EvaluationMixin):
             raise ValueError(f"a state was loaded, but it has no average for the new {kind} "
                              f"{name!r} (waiting for their variables: "
                              f"{check.preview(self._loaded)})")
-        check.check_like(average_name, loaded, value, what=f"{kind} {name!r}")
+        check.check_like(name, loaded, value, what=f"its loaded average {average_name!r}")
         has_debias_state = average_name + "/biased" in self._loaded
         debiased = not variable and self._zero_debias
         if has_debias_state != debiased:
@@ -242,6 +254,8 @@ class ExponentialMovingAverage(EvaluationMixin):
         check.check_decay(decay)
         if self._num_updates == AUTO:
             num_updates = self._update_count
+            if num_updates >= check.MAX_COUNT:
+                raise ValueError("the automatic count is at 2**63 - 1, TF's int64 limit")
         elif callable(self._num_updates):
             num_updates = self._num_updates()
         else:
@@ -371,6 +385,11 @@ class ExponentialMovingAverage(EvaluationMixin):
                     check.check_like(key, current[key], value, what="the average kept")
             else:
                 check.check_loaded_structure(state, self._name)
+                debiased = [k for k in state if k.endswith("/biased")]
+                if debiased and not self._zero_debias:
+                    raise ValueError(f"the state has zero-debias state ({debiased[0]!r}, ...), "
+                                     "but this EMA has zero_debias=False: load it into an EMA "
+                                     "made like the one that saved it")
             # Everything is checked: from here on nothing can fail half-way.
             with _ordinary_tensors():
                 loaded = {}
@@ -393,6 +412,8 @@ class ExponentialMovingAverage(EvaluationMixin):
             raise TypeError(f"to() moves the averages to a device (a str, torch.device or "
                             f"index), got {device!r}: an average's dtype is its variable's")
         device = torch.device(device)
+        if device.type == "meta":
+            raise ValueError("to('meta') would drop every average's values")
         with self._lock:
             moved = {name: {key: value.to(device) for key, value in vars(slot).items()
                             if key in ("shadow", "biased", "local_step") and value is not None}

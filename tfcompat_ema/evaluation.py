@@ -33,6 +33,7 @@ class EvaluationMixin:
             >>> import copy, torch
             >>> from tfcompat_ema import ExponentialMovingAverage
             >>> model = torch.nn.Linear(2, 1)
+            >>> _ = torch.nn.init.zeros_(model.bias)
             >>> ema = ExponentialMovingAverage(0.5)
             >>> ema.apply(model)
             >>> with torch.no_grad():
@@ -92,9 +93,11 @@ class EvaluationMixin:
             named = [(n, s.var) for n, s in self._slots.items() if s.var is not None]
         else:
             named = named_tensors(var_list)
+        averages = [a for slot in self._slots.values() for a in slot.state().values()]
+        averages += list(self._loaded.values())
         pairs = []
         for name, target in named:
-            check.check_tensor(name, target, what="variable")
+            check.check_target(name, target, averages)
             slot = self._slots.get(name)
             average = self._loaded.get(self.average_name(name)) if slot is None else slot.shadow
             if average is None:

@@ -26,7 +26,6 @@ every shape and dtype must agree; all problems are reported together in one
 from __future__ import annotations
 
 import os
-import re
 from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
@@ -34,28 +33,13 @@ from torch import nn
 
 from . import linear_regex
 from .ema import NUM_UPDATES_KEY, ExponentialMovingAverage
+from .ema_names import DEFAULT_EMA_NAME, ema_state_key as _ema_state_key
 from .report import MappingError, Report, describe as _describe
 from .rules import Rule, join as _join
 from .rules_file import read_rules_file, rules_from_dict
 
 Tensor = torch.Tensor
-DEFAULT_EMA_NAME = "ExponentialMovingAverage"
-_DEBIAS_LEAVES = ("biased", "local_step")
 __all__ = ["NameMap", "Rule", "Report", "MappingError", "DEFAULT_EMA_NAME"]
-
-
-def _ema_state_key(key: str, ema_name: str) -> Optional[Tuple[str, str, str]]:
-    """``(base, ema, leaf)`` if ``key`` is EMA state, ``base/ema`` or ``base/ema/leaf`` with
-    leaf ``biased`` or ``local_step``; ``ema`` is ``ema_name`` or a variant of it
-    (``ExponentialMovingAverage_1``, made by a second EMA over the same variables)."""
-    parts = key.split("/")
-    leaf = parts.pop() if len(parts) >= 3 and parts[-1] in _DEBIAS_LEAVES else ""
-    if len(parts) < 2:
-        return None
-    stem = re.sub(r"_\d+$", "", ema_name)
-    if parts[-1] != ema_name and not re.fullmatch(re.escape(stem) + r"(_\d+)?", parts[-1]):
-        return None
-    return "/".join(parts[:-1]), parts[-1], leaf
 
 
 class NameMap:

@@ -2,9 +2,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Dict, List
+from typing import TYPE_CHECKING, Dict, List
 
-import torch
+if TYPE_CHECKING:            # torch is not imported for the report alone (the CLI's inspect)
+    import torch
 
 
 class MappingError(ValueError):

@@ -10,22 +10,19 @@ the ``checkpoint`` state file with its history kept.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
-from typing import Dict, Mapping, Optional
+from typing import Mapping, Optional
 
 import numpy as np
 import torch
 
-from .checkpoint.bundle import BundleReader, write_bundle
-from .checkpoint.dtypes import DTYPES, STRING
+from .checkpoint.bundle import write_bundle
+from .checkpoint.dtypes import DTYPES
 from .checkpoint.errors import CheckpointError
 from .checkpoint.object_graph import KEY as OBJECT_GRAPH_KEY
-from .checkpoint.object_graph import ObjectGraph, parse_object_graph
-from .checkpoint.state import read_state, resolve_prefix, update_state, v1_files
-from .checkpoint.v1 import V1Reader
+from .checkpoint.reader import TFCheckpoint, read
+from .checkpoint.state import read_state, resolve_prefix, update_state
 
 Tensor = torch.Tensor
-_VALUE_SUFFIX = "/.ATTRIBUTES/VARIABLE_VALUE"
 
 __all__ = ["TFCheckpoint", "CheckpointError", "read_checkpoint", "write_checkpoint",
            "resolve_prefix", "OBJECT_GRAPH_KEY"]
@@ -46,32 +43,6 @@ _TF_OF_TORCH = {torch_dtype: name for name, torch_dtype in _TORCH.items()
                 if not name.startswith("q")}
 
 
-@dataclass
-class TFCheckpoint:
-    """A TF checkpoint read into memory.
-
-    ``format`` is ``"TF1"`` (name-based, ``tf.compat.v1.train.Saver``) or ``"TF2"``
-    (object-based, ``tf.train.Checkpoint``). ``tensors`` maps variable names to tensors;
-    TF2 names lose their ``/.ATTRIBUTES/VARIABLE_VALUE`` ending (TF1 names are kept as
-    they are), and TF2's bookkeeping (the object graph, ``save_counter``) is left out of it.
-    ``skipped`` maps each entry that is not a tensor to why: strings (their bytes are in
-    ``strings``), dtypes PyTorch has no type for (int4, float8_e4m3b11fnuz...; their values
-    are in ``arrays``, sub-byte integers widened to int8/uint8), resources and variants.
-    ``keys`` maps every name to its key in the checkpoint; ``object_graph`` is TF2's decoded
-    :class:`~tfcompat_ema.checkpoint.object_graph.ObjectGraph` (full names, slot variables);
-    ``version`` is the file format, ``"V2"`` (bundle) or ``"V1"`` (legacy tables).
-    """
-    prefix: str
-    format: str
-    tensors: Dict[str, Tensor]
-    skipped: Dict[str, str]
-    strings: Dict[str, np.ndarray] = field(default_factory=dict)
-    arrays: Dict[str, np.ndarray] = field(default_factory=dict)
-    keys: Dict[str, str] = field(default_factory=dict)
-    object_graph: Optional[ObjectGraph] = None
-    version: str = "V2"
-
-
 def read_checkpoint(path) -> TFCheckpoint:
     """Read every variable of a TF1 or TF2 checkpoint (V2 bundle or legacy V1).
 
@@ -88,56 +59,12 @@ def read_checkpoint(path) -> TFCheckpoint:
         >>> ckpt.format, list(ckpt.tensors)
         ('TF1', ['dense/kernel'])
     """
-    prefix = resolve_prefix(path)
-    try:
-        if os.path.lexists(prefix + ".index"):
-            reader, version = BundleReader(prefix), "V2"
-            dtype_of = lambda key: reader.entries[key].dtype      # noqa: E731
-        else:
-            reader, version = V1Reader(prefix, v1_files(prefix)), "V1"
-            dtype_of = reader.dtype
-        return _read(prefix, reader, version, dtype_of)
-    except CheckpointError as error:
-        raise CheckpointError(f"unreadable TF checkpoint: {error}") from None
+    return read(path, _convert)
 
 
-def _read(prefix, reader, version, dtype_of) -> TFCheckpoint:
-    keys = sorted(reader.names())
-    is_tf2 = OBJECT_GRAPH_KEY in keys
-    graph = None
-    if is_tf2:
-        if dtype_of(OBJECT_GRAPH_KEY) != STRING:
-            raise CheckpointError(f"{prefix}: its object graph is not a string")
-        value = reader.read(OBJECT_GRAPH_KEY)
-        if value.shape != ():
-            raise CheckpointError(f"{prefix}: its object graph has shape {list(value.shape)}")
-        graph = parse_object_graph(value[()], f"{prefix} (object graph)")
-    ckpt = TFCheckpoint(prefix, "TF2" if is_tf2 else "TF1", {}, {}, object_graph=graph,
-                        version=version)
-    for key in keys:
-        if key == OBJECT_GRAPH_KEY:
-            continue
-        name = key[:-len(_VALUE_SUFFIX)] if is_tf2 and key.endswith(_VALUE_SUFFIX) else key
-        if is_tf2 and name == "save_counter":
-            continue
-        if name in ckpt.keys:
-            raise CheckpointError(f"{prefix}: entries {ckpt.keys[name]!r} and {key!r} both "
-                                  f"give the name {name!r}")
-        ckpt.keys[name] = key
-        dtype = DTYPES.get(dtype_of(key))
-        if dtype is None:
-            ckpt.skipped[name] = f"unknown dtype {dtype_of(key)}"
-        elif dtype.number == STRING:
-            ckpt.strings[name] = reader.read(key)
-            ckpt.skipped[name] = "string"
-        elif dtype.storage is None:
-            ckpt.skipped[name] = f"{dtype.name} (not a value)"
-        elif dtype.name not in _TORCH:
-            ckpt.arrays[name] = reader.read(key)
-            ckpt.skipped[name] = f"{dtype.name} (no PyTorch dtype; values in .arrays)"
-        else:
-            ckpt.tensors[name] = _to_torch(reader.read(key), _TORCH[dtype.name])
-    return ckpt
+def _convert(dtype_name: str, array: np.ndarray) -> Optional[Tensor]:
+    dtype = _TORCH.get(dtype_name)
+    return None if dtype is None else _to_torch(array, dtype)
 
 
 def write_checkpoint(prefix, tensors: Mapping[str, Tensor]) -> None:

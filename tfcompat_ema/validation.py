@@ -48,6 +48,9 @@ def named_tensors(var_list: VarList) -> List[Tuple[str, Tensor]]:
             if not isinstance(name, str) or not isinstance(tensor, Tensor):
                 raise TypeError(f"expected a (str, Tensor) pair, got ({type(name).__name__}, "
                                 f"{type(tensor).__name__})")
+            if not name:
+                raise ValueError("a tensor's name is empty: its average would be named "
+                                 "'/<ema name>'")
             pairs.append((name, tensor))
     seen = set()
     for name, _ in pairs:
@@ -70,8 +73,50 @@ def check_tensor(name: str, tensor: Tensor, what: str) -> None:
     if tensor.device.type == "meta":
         raise ValueError(f"{what} {name!r} is on the meta device: it holds no values")
     if tensor.dtype not in tf_math.SUPPORTED_DTYPES:
-        raise TypeError(f"The {what}s must be half, float, or double: {name!r} has dtype "
-                        f"{tensor.dtype}")
+        raise TypeError(f"{what} {name!r} has dtype {tensor.dtype}: only bfloat16, float16, "
+                        "float32 and float64 are averaged, as in TF")
+    check_storage(name, tensor, what)
+
+
+def check_storage(name: str, tensor: Tensor, what: str) -> None:
+    """The tensor's memory exists and covers every element it addresses (a storage freed
+    or shrunk under it, as FSDP does with ``resize_(0)``, would be read out of bounds)."""
+    if tensor.numel() == 0 or tensor.device.type == "meta":
+        return
+    extent = tensor.storage_offset() + 1 + sum(
+        (size - 1) * stride for size, stride in zip(tensor.shape, tensor.stride()))
+    nbytes = tensor.untyped_storage().nbytes()
+    if tensor.data_ptr() == 0 or nbytes < extent * tensor.element_size():
+        raise RuntimeError(f"{what} {name!r}: its storage holds {nbytes} bytes, fewer than its "
+                           f"elements need ({extent * tensor.element_size()}); was it freed or "
+                           "resized under it?")
+
+
+def check_target(name: str, tensor: Tensor, averages) -> None:
+    """A tensor to copy an average into: writable element by element, and no average itself."""
+    check_tensor(name, tensor, what="target")
+    if tensor.is_inference() and not torch.is_inference_mode_enabled():
+        raise ValueError(f"target {name!r} is an inference tensor: it cannot be written "
+                         "outside torch.inference_mode()")
+    if _may_overlap(tensor):
+        raise ValueError(f"target {name!r} has elements that share memory (expanded?): "
+                         "copy into a tensor of its own")
+    storage = tensor.untyped_storage().data_ptr()
+    if storage and any(a.untyped_storage().data_ptr() == storage for a in averages):
+        raise ValueError(f"target {name!r} shares memory with an average: copying into it "
+                         "would overwrite averages")
+
+
+def _may_overlap(tensor: Tensor) -> bool:
+    """Whether two elements may share memory: False is proven (each stride, smallest first,
+    passes every offset the smaller dimensions reach), True may be conservative."""
+    reach = 0
+    for stride, size in sorted((st, sz) for sz, st in zip(tensor.shape, tensor.stride())
+                               if sz > 1):
+        if stride <= reach:
+            return True
+        reach += (size - 1) * stride
+    return False
 
 
 def check_like(name: str, reference: Tensor, value: Tensor, what: str) -> None:
@@ -176,7 +221,7 @@ def check_count(key: str, count) -> int:
             or count.dtype.is_complex or count.dtype == torch.bool \
             or count.device.type == "meta" or count.layout != torch.strided:
         raise ValueError(f"state entry {key!r} must be a 0-dim integer tensor, got {count!r}")
-    value = int(count)
+    value = int(count.view(torch.int64)) % 2 ** 64 if count.dtype == torch.uint64 else int(count)
     if not 0 <= value <= MAX_COUNT:
         raise ValueError(f"state entry {key!r} must be in [0, 2**63), got {value}")
     return value

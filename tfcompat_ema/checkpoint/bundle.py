@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Sequence, Tuple
 
 import numpy as np
 
@@ -30,7 +30,7 @@ from . import proto, table
 from .crc import crc32c, mask, unmask
 from .dtypes import DTYPES, STRING, from_storage
 from .errors import CheckpointError
-from .files import map_file, read_whole, temporary_path, write_atomically
+from .files import map_file, read_whole, write_atomically
 
 MAX_RANK = 254                       # TensorShape's limit
 MAX_ELEMENTS = 1 << 62
