@@ -16,7 +16,7 @@ OLDEST_STAMP := $(OLDEST_VENV)/.installed-torch$(TORCH_VERSION)-tf$(OLDEST_TF_VE
 PARITY_ARGS ?=
 BENCH_ARGS ?=
 
-.PHONY: install test test-newest test-oldest parity parity-quick bench clean
+.PHONY: install test test-newest test-oldest test-without-tf parity parity-quick bench clean
 
 install: $(STAMP)
 
@@ -40,7 +40,7 @@ $(STAMP): pyproject.toml setup.py
 $(OLDEST_STAMP): pyproject.toml setup.py
 	$(call install-stack,$(OLDEST_VENV),$(OLDEST_TF_VERSION),$(OLDEST_TF_KERAS_VERSION))
 
-test: test-newest test-oldest
+test: test-newest test-oldest test-without-tf
 
 test-newest: $(STAMP)
 	$(PY) -m pytest -q
@@ -48,6 +48,10 @@ test-newest: $(STAMP)
 # The oldest stack: the unit tests and the quick parity slice (tests/test_parity.py).
 test-oldest: $(OLDEST_STAMP)
 	$(OLDEST_PY) -m pytest -q
+
+# The suite as if TensorFlow and Keras were not installed: what needs them skips, the rest runs.
+test-without-tf: $(STAMP)
+	TFCOMPAT_WITHOUT_TF=1 $(PY) -m pytest -q
 
 parity: $(STAMP)
 	$(PY) -m parity $(PARITY_ARGS)

@@ -2,6 +2,11 @@
 import unittest
 
 from parity import bidaf
+from _tf import require
+
+
+def setUpModule():
+    require()  # TF (and Keras) are the judges here
 
 
 class BidafTest(unittest.TestCase):

@@ -19,6 +19,7 @@ import torch
 
 from tfcompat_ema import output
 from tfcompat_ema.cli import main
+from _tf import require
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -30,12 +31,6 @@ torch = "out"
 tf = "dense"
 layout = "dense"
 """
-
-
-def setUpModule():
-    global tf
-    import tensorflow
-    tf = tensorflow
 
 
 def run_cli(*argv):
@@ -67,6 +62,8 @@ def run_process(*argv, timeout=120, **kwargs):
 class CLITest(unittest.TestCase):
     @classmethod
     def setUpClass(cls):
+        global tf
+        tf = require()          # TF writes the checkpoints these tests read
         cls._directory = tempfile.TemporaryDirectory()
         cls.directory = Path(cls._directory.name)
         cls.kernel = np.arange(6, dtype=np.float32).reshape(3, 2)

@@ -7,6 +7,11 @@ from parameterized import parameterized
 
 from parity import flavours, keras_side
 from tfcompat_ema import KerasEMA
+from _tf import require
+
+
+def setUpModule():
+    require()  # TF (and Keras) are the judges here
 
 
 def quick_cases():

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from tfcompat_ema import layouts
+from _tf import require
 
 tf = None
 keras = None
@@ -20,9 +21,7 @@ keras = None
 
 def setUpModule():
     global tf, keras
-    import tensorflow
-    import keras as keras3
-    tf, keras = tensorflow, keras3
+    tf, keras = require("tensorflow", "keras")
 
 
 def torch_of(variable) -> torch.Tensor:

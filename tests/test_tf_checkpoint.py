@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from _tf import require
 from tfcompat_ema import (CheckpointError, ExponentialMovingAverage, NameMap, Rule,
                           read_checkpoint, write_checkpoint)
 
@@ -15,8 +16,7 @@ tf = None
 
 def setUpModule():
     global tf
-    import tensorflow
-    tf = tensorflow
+    tf = require()
 
 
 def same_bits(a, b) -> bool:

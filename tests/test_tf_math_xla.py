@@ -12,6 +12,11 @@ from parameterized import parameterized
 
 from parity import flavours
 from tfcompat_ema import ExponentialMovingAverage, kernels
+from _tf import require
+
+
+def setUpModule():
+    require()  # TF (and Keras) are the judges here
 
 def tf_before(version):
     import tensorflow as tf

@@ -1,0 +1,19 @@
+"""TensorFlow for the tests that need it: imported, or the test skipped with the reason.
+
+TF is the judge in many tests and a dependency of none of the package's code: without it
+(`pip install 'tfcompat-ema[test]'` in a torch-only venv, or `TFCOMPAT_WITHOUT_TF=1`) those
+tests skip and the rest run.
+"""
+import importlib
+import unittest
+
+
+def require(*names):
+    """The modules (default: tensorflow), or ``unittest.SkipTest`` naming the missing one."""
+    modules = []
+    for name in names or ("tensorflow",):
+        try:
+            modules.append(importlib.import_module(name))
+        except ImportError as error:
+            raise unittest.SkipTest(f"needs {name} ({error})") from None
+    return modules[0] if len(modules) == 1 else modules
