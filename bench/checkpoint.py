@@ -22,6 +22,18 @@ OURS_INSPECT = ("from tfcompat_ema.cli import main; import sys",
                 "sys.stdout = out")
 OURS_READ = ("from tfcompat_ema import read_checkpoint",
              "c = read_checkpoint(P); n = sum(t.numel() for t in c.tensors.values())")
+# convert: the whole checkpoint to safetensors through a rules file (raw weights).
+OURS_CONVERT = ("from tfcompat_ema.cli import main; import sys",
+                "d = os.path.dirname(P); out = sys.stdout; sys.stdout = open(os.devnull, 'w'); "
+                "code = main(['convert', P, '--map', d + '/rules.toml', '--out', "
+                "d + '/ours.safetensors', '--force', '--raw']); sys.stdout = out; assert code == 0")
+TF_CONVERT = ("os.environ['TF_CPP_MIN_LOG_LEVEL'] = '3'; import tensorflow as tf; "
+              "from safetensors.numpy import save_file",
+              "r = tf.train.load_checkpoint(P); "
+              "save_file({k: r.get_tensor(k) for k in r.get_variable_to_dtype_map()}, "
+              "os.path.dirname(P) + '/tf.safetensors')")
+# The disk's share: copying the data file, the least a convert must read and write.
+COPY = ("import shutil", "shutil.copyfile(P + '.data-00000-of-00001', P + '.copy')")
 TF_READ = ("os.environ['TF_CPP_MIN_LOG_LEVEL'] = '3'; import tensorflow as tf",
            "r = tf.train.load_checkpoint(P); "
            "t = [r.get_tensor(k) for k in r.get_variable_to_dtype_map()]; n = sum(a.size for a in t)")
@@ -59,6 +71,8 @@ def make(directory: str):
     big = {f"layer{i:02d}/kernel": torch.from_numpy(rng.standard_normal((4096, 4096))
                                                      .astype(np.float32)) for i in range(16)}
     write_checkpoint(os.path.join(directory, "big", "model.ckpt"), big)
+    with open(os.path.join(directory, "big", "rules.toml"), "w") as rules:
+        rules.write('[[rule]]\ntorch = "{x*}"\ntf = "{x*}"\nlayout = "tensor"\n')
     return os.path.join(directory, "bidaf", "model.ckpt"), os.path.join(directory, "big", "model.ckpt")
 
 
@@ -75,7 +89,10 @@ def main(argv=None) -> int:
         for label, code, prefix in (("inspect BiDAF (ours, tfcompat-ema inspect)", OURS_INSPECT, bidaf),
                                     ("read BiDAF (TF load_checkpoint)", TF_READ, bidaf),
                                     ("read ~1 GB (ours, read_checkpoint)", OURS_READ, big),
-                                    ("read ~1 GB (TF load_checkpoint)", TF_READ, big)):
+                                    ("read ~1 GB (TF load_checkpoint)", TF_READ, big),
+                                    ("convert ~1 GB (ours, tfcompat-ema convert)", OURS_CONVERT, big),
+                                    ("convert ~1 GB (TF reader + safetensors)", TF_CONVERT, big),
+                                    ("copy the ~1 GB data file (disk floor)", COPY, big)):
             runs = [run(code, prefix) for _ in range(args.repeat)]
             wall, work, rss = (min(r[i] for r in runs) for i in range(3))
             print(f"{label:42s} {wall:9.2f} {work:7.3f} {rss:13.0f}")

@@ -129,12 +129,8 @@ def xla_cases(quick: bool = False) -> List[Case]:
 
 def cases(quick: bool = False) -> List[Case]:
     """Every flavour case (``quick``: fewer steps and variants)."""
-    out = xla_cases(quick)
-    try:
-        from . import keras_side
-    except ImportError:      # pragma: no cover - keras_side is part of the suite
-        return out
-    return out + keras_side.cases(quick)
+    from . import keras_side       # Keras is part of the suite: its absence is an error here
+    return xla_cases(quick) + keras_side.cases(quick)
 
 
 def run_case(case: Case, seed: int = 0) -> Outcome:

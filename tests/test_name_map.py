@@ -395,6 +395,15 @@ class ExportTest(unittest.TestCase):
         self.assertEqual(tf[f"model_0/loss/{EMA}/local_step"].item(), 1.0)
         self.assertEqual(len(tf), 2 * 11 + 3)      # 11 variables, 11 averages, the loss state
 
+    def test_an_ema_over_a_wrapper_is_refused_not_exported_without_averages(self):
+        model = Net()
+        wrapper = nn.Module()
+        wrapper.module = model                   # names "module.*", as DDP's
+        ema = ExponentialMovingAverage(0.5)
+        ema.apply(wrapper)
+        with self.assertRaisesRegex(MappingError, "module.blocks.0.weight.*wrapper"):
+            rules().export(model, ema=ema)
+
 
 class ImportTest(unittest.TestCase):
     def test_import_does_not_import_tensorflow(self):

@@ -302,6 +302,7 @@ class NameMap:
         state = model.state_dict()
         tf_vars, report = self.to_tf(state, strict=strict)
         if ema is not None:
+            _check_ema_names(ema, state)
             averages = _averages(ema, state)
             averaged_tf, _ = self.to_tf({**state, **averages}, strict=False)
             with_average = {report.mapped[n] for n in averages if n in report.mapped}
@@ -322,6 +323,18 @@ class NameMap:
 
     def _ignored_torch(self, name: str) -> bool:
         return any(p.fullmatch(name) is not None for p in self.ignore_torch)
+
+
+def _check_ema_names(ema: ExponentialMovingAverage, state: Mapping[str, Tensor]) -> None:
+    """Every average the EMA keeps belongs to an entry of the model: an EMA applied to a
+    wrapper (DDP's ``module.``, torch.compile's ``_orig_mod.``) would otherwise export none."""
+    tracked = [n for n, s in ema._slots.items() if s.var is not None]
+    foreign = [n for n in tracked if n not in state]
+    if foreign:
+        raise MappingError(Report(missing=[
+            f"{n}: the EMA averages it, but the model has no entry of that name (an EMA "
+            "applied to a wrapper such as DDP's 'module.' or torch.compile's '_orig_mod.'?)"
+            for n in foreign]))
 
 
 def _averages(ema: ExponentialMovingAverage, names) -> Dict[str, Tensor]:
