@@ -19,11 +19,6 @@ tf = None
 keras = None
 
 
-def setUpModule():
-    global tf, keras
-    tf, keras = require("tensorflow", "keras")
-
-
 def torch_of(variable) -> torch.Tensor:
     return torch.from_numpy(np.array(variable.numpy()))
 
@@ -50,6 +45,13 @@ def convert_to_tf(layout, torch_values):
 
 
 class LayoutTestCase(unittest.TestCase):
+    """Compared with the real TF layer: these need TF and Keras (the others below do not)."""
+
+    @classmethod
+    def setUpClass(cls):
+        global tf, keras
+        tf, keras = require("tensorflow", "keras")
+
     def assertClose(self, ours, theirs, atol=2e-5):
         ours, theirs = ours.detach().numpy(), np.asarray(theirs)
         self.assertEqual(ours.shape, theirs.shape)
