@@ -109,3 +109,32 @@ def test_paths_with_odd_characters_round_trip_through_tf(tmp_path):
     write_checkpoint(directory / 'mod"el\té', {"w": torch.ones(1)})
     assert tf.train.latest_checkpoint(str(directory)) == str(directory / 'mod"el\té')
     assert read_checkpoint(directory).prefix == str(directory / 'mod"el\té')
+
+
+def test_a_state_file_naming_a_missing_checkpoint_is_an_error(tmp_path):
+    import torch
+    from tfcompat_ema import write_checkpoint
+    write_checkpoint(tmp_path / "m-1", {"a": torch.ones(2)})
+    write_checkpoint(tmp_path / "m-2", {"a": torch.zeros(2)})
+    os.remove(tmp_path / "m-2.index")
+    with pytest.raises(CheckpointError, match="'m-2'"):
+        resolve_prefix(tmp_path)
+
+
+def test_a_prefix_naming_a_directory_is_refused(tmp_path):
+    import torch
+    from tfcompat_ema import write_checkpoint
+    for prefix in ("", str(tmp_path) + os.sep):
+        with pytest.raises(ValueError, match="names a directory"):
+            write_checkpoint(prefix, {"a": torch.ones(2)})
+    assert os.listdir(tmp_path) == []
+
+
+def test_written_views_and_bad_tensors_name_the_entry(tmp_path):
+    write_checkpoint(tmp_path / "m", {"c": torch.tensor([1 + 2j]).conj(),
+                                      "n": torch._neg_view(torch.tensor([1.0, 2.0]))})
+    tensors = read_checkpoint(tmp_path / "m").tensors
+    assert torch.equal(tensors["c"], torch.tensor([1 - 2j]))
+    assert torch.equal(tensors["n"], torch.tensor([-1.0, -2.0]))
+    with pytest.raises(ValueError, match="'b': a tensor on the meta device"):
+        write_checkpoint(tmp_path / "x", {"b": torch.ones(2, device="meta")})

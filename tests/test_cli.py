@@ -196,8 +196,10 @@ class HostileCLITest(unittest.TestCase):
         cls.directory = Path(cls._directory.name)
         cls.prefix = cls.directory / "model.ckpt"
         write_checkpoint(cls.prefix, {"dense/kernel": torch.ones(300, 200),
-                                      "dense/bias": torch.zeros(200), "global_step":
-                                      torch.tensor(1)})
+                                      "dense/kernel/ExponentialMovingAverage": torch.ones(300, 200),
+                                      "dense/bias": torch.zeros(200),
+                                      "dense/bias/ExponentialMovingAverage": torch.zeros(200),
+                                      "global_step": torch.tensor(1)})
         cls.rules = cls.directory / "rules.toml"
         cls.rules.write_text(RULES)
 
@@ -265,6 +267,20 @@ class HostileCLITest(unittest.TestCase):
         result = run_process("convert", self.prefix, "--map", self.rules, "--out", out)
         self.assertFailed(result, f"--out {out}: the directory {out.parent} does not exist")
 
+    def test_averages_asked_for_but_not_saved_fail_unless_allowed(self):
+        from tfcompat_ema import write_checkpoint
+        prefix = self.directory / "raw" / "model.ckpt"
+        write_checkpoint(prefix, {"dense/kernel": torch.ones(3, 2), "dense/bias": torch.ones(2)})
+        code, out, err = run_process("convert", prefix, "--map", self.rules, "--out", self.out)
+        self.assertEqual(code, 1)
+        self.assertIn("averages asked for but not saved", err)
+        self.assertFalse(os.path.exists(self.out))
+        code, out, err = run_process("convert", prefix, "--map", self.rules, "--out", self.out,
+                                     "--allow-raw")
+        self.assertEqual(code, 0, err)
+        self.assertIn("2 of them raw values", out.splitlines()[0])
+        self.assertIn("(averaged, 2 of them raw)", out)
+
     def test_backtracking_ignore_regex_does_not_hang(self):
         from tfcompat_ema import write_checkpoint
         prefix = self.directory / "names" / "model.ckpt"
@@ -272,7 +288,7 @@ class HostileCLITest(unittest.TestCase):
         rules = self.rules_file("slow.toml", RULES.replace('"global_step"',
                                                            '"(a+)+b", "(a|aa)+"'))
         code, out, err = run_process("convert", prefix, "--map", rules, "--out", self.out,
-                                     timeout=60)
+                                     "--raw", timeout=60)
         self.assertEqual((code, err), (0, ""))
         self.assertIn("wrote 1 tensors", out)
 

@@ -287,9 +287,22 @@ class ToTorchTest(unittest.TestCase):
     def test_raw_fallback_when_no_average_was_saved(self):
         tf = tf_variables()
         del tf[f"emb/mat/{EMA}"]
-        state, report = rules().to_torch(tf, averaged=True)
+        # Asked for averages, got one raw value: an error (TF's Saver fails too) ...
+        with self.assertRaisesRegex(MappingError, f"EMA names in the checkpoint: {EMA}"
+                                                  r"\) \(1\):\n  emb/mat"):
+            rules().to_torch(tf, averaged=True)
+        # ... unless the raw values are allowed, and the report's first line counts them,
+        state, report = rules().to_torch(tf, averaged=True, allow_raw=True)
         self.assertEqual(report.raw_fallbacks, ["emb/mat"])
+        self.assertIn("1 of them raw values", str(report).splitlines()[0])
         self.assertTrue(torch.equal(state["emb.weight"], tf["emb/mat"]))
+        # ... or the entry is not trainable (a buffer, a frozen parameter), as TF restores it.
+        state, report = rules().to_torch(tf, averaged=True, trainable=["out.weight"])
+        self.assertTrue(report.ok)
+
+    def test_a_wrong_ema_name_gives_no_raw_weights(self):
+        with self.assertRaisesRegex(MappingError, f"EMA names in the checkpoint: {EMA}"):
+            rules(ema_name="Other").to_torch(tf_variables(), averaged=True)
 
     def test_ema_name_with_suffix(self):
         """A second TF EMA over the same variables names its averages '..._1'."""

@@ -8,8 +8,8 @@ import numpy as np
 import torch
 
 from _tf import require
-from tfcompat_ema import (CheckpointError, ExponentialMovingAverage, NameMap, Rule,
-                          read_checkpoint, write_checkpoint)
+from tfcompat_ema import (CheckpointError, ExponentialMovingAverage, MappingError, NameMap,
+                          Rule, read_checkpoint, write_checkpoint)
 
 tf = None
 
@@ -99,8 +99,11 @@ class ReadTest(CheckpointTestCase):
                          Rule("head", "model/_functional/_operations/2", "dense",
                               kernel="_kernel")])
         port = Port()
-        report = names.load(read_checkpoint(prefix).tensors, port)
-        self.assertEqual(len(report.raw_fallbacks), 5)      # Keras keeps no averages here
+        tensors = read_checkpoint(prefix).tensors
+        with self.assertRaises(MappingError):               # Keras keeps no averages here ...
+            names.load(tensors, port)
+        report = names.load(tensors, port, allow_raw=True)  # ... so the raw weights, explicitly
+        self.assertEqual(len(report.raw_fallbacks), 5)
         with torch.no_grad():
             ours = port(torch.from_numpy(x)).numpy()
         np.testing.assert_allclose(ours, keras_model(x).numpy(), rtol=1e-5, atol=2e-5)

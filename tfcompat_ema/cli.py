@@ -1,7 +1,7 @@
 """``tfcompat-ema``: look into TF checkpoints and convert them to PyTorch state dicts.
 
     tfcompat-ema inspect CKPT [--ema-name NAME]
-    tfcompat-ema convert CKPT --map RULES.toml --out FILE.safetensors [--averaged | --raw]
+    tfcompat-ema convert CKPT --map RULES.toml --out FILE.safetensors [--averaged | --raw] [--allow-raw]
                          [--non-strict] [--force]
 
 Exit status: 0 done; 1 the checkpoint does not fit the rules (the mapping report is
@@ -52,6 +52,9 @@ def _parser() -> argparse.ArgumentParser:
                        help="the moving averages, as TF's variables_to_restore (default)")
     which.add_argument("--raw", dest="averaged", action="store_false",
                        help="the raw (trained) values")
+    convert.add_argument("--allow-raw", action="store_true",
+                         help="with --averaged: take the raw value of a variable whose average "
+                              "was not saved (refused otherwise); the report counts them")
     convert.add_argument("--non-strict", action="store_true",
                          help="write what maps and print the problems instead of failing")
     convert.add_argument("--force", action="store_true",
@@ -170,7 +173,7 @@ def _convert(args) -> int:
     with AtomicOutput(args.out, replace=args.force, label="--out") as output:
         ckpt = read_checkpoint(args.checkpoint)
         state, report = names.to_torch(ckpt.tensors, averaged=args.averaged,
-                                       strict=not args.non_strict)
+                                       strict=not args.non_strict, allow_raw=args.allow_raw)
         try:
             data = save({k: v.contiguous() for k, v in state.items()},
                         metadata={"source": ckpt.prefix, "format": ckpt.format,
@@ -181,7 +184,9 @@ def _convert(args) -> int:
         output.write(data)
         output.commit()
     print(report)
-    print(f"wrote {len(state)} tensors ({'averaged' if args.averaged else 'raw'}) to {args.out}")
+    what = "raw" if not args.averaged else "averaged" if not report.raw_fallbacks else \
+        f"averaged, {len(report.raw_fallbacks)} of them raw"
+    print(f"wrote {len(state)} tensors ({what}) to {args.out}")
     return 0
 
 

@@ -110,14 +110,22 @@ class NameMap:
     # ------------------------------------------------------------------ TF -> PyTorch
     def to_torch(self, tf_vars: Mapping[str, Tensor], averaged: bool = True,
                  expected: Optional[Mapping[str, Tensor]] = None,
-                 strict: bool = True) -> Tuple[Dict[str, Tensor], Report]:
+                 strict: bool = True, allow_raw: bool = False,
+                 trainable: Optional[Iterable[str]] = None) -> Tuple[Dict[str, Tensor], Report]:
         """TF variables as a PyTorch state dict: the averages (``averaged``) or raw values.
 
         With ``expected`` (e.g. ``model.state_dict()``), entries are checked against it
         and those it has that nothing gives are reported missing. Strict: any problem
         raises :class:`MappingError`; otherwise the report lists them.
+
+        Averages asked for but not saved are a problem, as in TF's
+        ``Saver(ema.variables_to_restore())``, for the PyTorch entries in ``trainable``
+        (all entries when it is None); others (buffers such as BatchNorm statistics, which
+        TF restores raw too) take the raw value, listed in the report. ``allow_raw=True``
+        takes the raw value everywhere, and the report's first line counts them.
         """
         report = Report()
+        trainable = None if trainable is None else set(trainable)
         state: Dict[str, Tensor] = {}
         failed = set()                       # PyTorch names already reported as mismatches
         for key in sorted(tf_vars):
@@ -131,6 +139,13 @@ class NameMap:
         if expected is not None:
             report.missing.extend(name for name in expected if name not in state
                                   and name not in failed and not self._ignored_torch(name))
+        if averaged and not allow_raw:
+            report.raw_refused = [key for key in report.raw_fallbacks if trainable is None
+                                  or any(n in trainable for n, s in report.mapped.items()
+                                         if s == key)]
+            # "<variable>/<name>" beside "<variable>": <name> is an EMA's, whatever it is.
+            report.ema_names = sorted({key.rpartition("/")[2] for key in tf_vars
+                                       if key.rpartition("/")[0] in tf_vars})
         if strict and not report.ok:
             raise MappingError(report)
         return state, report
@@ -237,7 +252,7 @@ class NameMap:
     def load(self, tf_vars: Mapping[str, Tensor], model: nn.Module,
              ema: Optional[ExponentialMovingAverage] = None,
              tensor_ema: Optional[ExponentialMovingAverage] = None,
-             strict: bool = True) -> Report:
+             strict: bool = True, allow_raw: bool = False) -> Report:
         """Load a TF checkpoint's variables into ``model`` (and EMAs); all or nothing.
 
         Without ``ema``: the model gets the averaged weights, as TF's
@@ -250,12 +265,14 @@ class NameMap:
         Every check runs first; a failing load changes no parameter and no average.
         """
         expected = model.state_dict()
+        trainable = [n for n, p in model.named_parameters() if p.requires_grad]
         weights, report = self.to_torch(tf_vars, averaged=ema is None, expected=expected,
-                                        strict=strict)
+                                        strict=strict, allow_raw=allow_raw, trainable=trainable)
         loads = []
         if ema is not None:
             averages, averaged_report = self.to_torch(tf_vars, averaged=True,
-                                                      expected=expected, strict=strict)
+                                                      expected=expected, strict=strict,
+                                                      allow_raw=allow_raw, trainable=trainable)
             report.raw_fallbacks = averaged_report.raw_fallbacks
             names = [n for n, s in ema._slots.items() if s.var is not None] or \
                 [n for n, p in model.named_parameters() if p.requires_grad]

@@ -30,18 +30,28 @@ class Report:
     mismatches: List[str] = field(default_factory=list)      # shapes, dtypes, conversions
     raw_fallbacks: List[str] = field(default_factory=list)   # averaged load, no average saved
     skipped: List[str] = field(default_factory=list)         # EMA state not asked for
+    # Averages asked for, none saved, for a trainable variable (TF's Saver would fail too):
+    # an error unless the raw values were allowed explicitly (allow_raw, --allow-raw).
+    raw_refused: List[str] = field(default_factory=list)
+    ema_names: List[str] = field(default_factory=list)       # the EMA names the checkpoint has
 
     @property
     def ok(self) -> bool:
-        return not (self.unused or self.missing or self.mismatches)
+        return not (self.unused or self.missing or self.mismatches or self.raw_refused)
 
     def __str__(self) -> str:
-        lines = [f"{len(self.mapped)} PyTorch entries mapped"
+        raw = f", {len(self.raw_fallbacks)} of them raw values (no average saved)" \
+            if self.raw_fallbacks else ""
+        lines = [f"{len(self.mapped)} PyTorch entries mapped{raw}"
                  + ("" if self.ok else "; the checkpoint and the model do not fit the rules")]
+        refused = "averages asked for but not saved (allow_raw=True / --allow-raw takes the " \
+            f"raw values; EMA names in the checkpoint: {', '.join(self.ema_names) or 'none'})"
         for title, items in (("TF variables not used", self.unused),
                              ("PyTorch entries not found", self.missing),
                              ("shape/dtype mismatches", self.mismatches),
-                             ("no average saved, raw value used", self.raw_fallbacks),
+                             (refused, self.raw_refused),
+                             ("no average saved, raw value used", [
+                                 k for k in self.raw_fallbacks if k not in self.raw_refused]),
                              ("EMA state left out", self.skipped)):
             if items:
                 lines.append(f"{title} ({len(items)}):")

@@ -87,6 +87,9 @@ def write_checkpoint(prefix, tensors: Mapping[str, Tensor]) -> None:
         ValueError: a tensor name is empty; TF checkpoints cannot hold one
     """
     prefix = os.fspath(prefix)
+    if not os.path.basename(prefix):
+        raise ValueError(f"checkpoint prefix {prefix!r} names a directory, not files in it: "
+                         "give one such as 'DIR/model.ckpt'")
     items = []
     for name in sorted(tensors, key=lambda n: n.encode("utf-8") if isinstance(n, str) else b""):
         value = tensors[name]
@@ -98,8 +101,11 @@ def write_checkpoint(prefix, tensors: Mapping[str, Tensor]) -> None:
             raise TypeError(f"{name!r} is a {type(value).__name__}, not a tensor")
         if value.dtype not in _TF_OF_TORCH:
             raise TypeError(f"{name!r}: TF checkpoints have no {value.dtype}")
-        if value.is_sparse or value.layout != torch.strided:
-            raise TypeError(f"{name!r}: a {value.layout} tensor; write a dense one")
+        if value.is_sparse or value.layout != torch.strided or value.is_nested:
+            raise TypeError(f"{name!r}: a {'nested' if value.is_nested else value.layout} "
+                            "tensor; write a dense one")
+        if value.device.type == "meta":
+            raise ValueError(f"{name!r}: a tensor on the meta device holds no values")
         items.append((name, value))
     directory = os.path.dirname(os.path.abspath(prefix))
     if os.path.isdir(directory):
@@ -120,7 +126,7 @@ def _to_torch(array: np.ndarray, dtype: torch.dtype) -> Tensor:
 
 
 def _to_numpy(tensor: Tensor) -> np.ndarray:
-    tensor = tensor.detach().cpu().contiguous()
+    tensor = tensor.detach().cpu().resolve_conj().resolve_neg().contiguous()
     if tensor.dtype == torch.bfloat16:
         return tensor.view(torch.uint16).numpy()
     if tensor.dtype.is_floating_point and tensor.element_size() == 1:     # float8 types

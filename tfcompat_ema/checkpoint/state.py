@@ -182,6 +182,11 @@ def _in_directory(directory: str) -> str:
                           os.path.join(directory, os.path.basename(latest))):
             if _exists(candidate):
                 return candidate
+        # The state file names a checkpoint that is not there: an older one would be a
+        # silent substitute for the latest.
+        raise CheckpointError(f"{directory}: its state file names {latest!r} as the latest "
+                              "checkpoint, but it is not there: give the prefix to read "
+                              "another one")
     found = sorted({p[:-len(".index")] for p in glob.glob(os.path.join(glob.escape(directory),
                                                                         "*.index"))})
     if not found:
