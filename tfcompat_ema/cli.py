@@ -22,6 +22,7 @@ import sys
 from typing import List, Optional
 
 from .ema_names import DEFAULT_EMA_NAME, ema_state_key
+from . import safetensors_file
 from .report import MappingError
 from .output import AtomicOutput, OutputError, Terminated, raise_on_signals
 
@@ -163,25 +164,19 @@ def _convert(args) -> int:
         raise ValueError(f"--map {args.map}: {error.strerror or error}") from None
     if not args.out.endswith(".safetensors"):
         raise ValueError(f"--out {args.out}: the output is a .safetensors file")
-    try:
-        from safetensors import SafetensorError
-        from safetensors.torch import save
-    except ImportError:
-        raise ImportError("convert writes safetensors: pip install 'tfcompat-ema[checkpoint]'"
-                          ) from None
     # The temporary file exists from here on: a failure or signal below removes it.
     with AtomicOutput(args.out, replace=args.force, label="--out") as output:
         ckpt = read_checkpoint(args.checkpoint)
         state, report = names.to_torch(ckpt.tensors, averaged=args.averaged,
                                        strict=not args.non_strict, allow_raw=args.allow_raw)
+        metadata = {"source": ckpt.prefix, "format": ckpt.format,
+                    "values": "averaged" if args.averaged else "raw"}
         try:
-            data = save({k: v.contiguous() for k, v in state.items()},
-                        metadata={"source": ckpt.prefix, "format": ckpt.format,
-                                  "values": "averaged" if args.averaged else "raw"})
-        except SafetensorError as error:
+            safetensors_file.header(state, metadata)       # every dtype checked first
+        except ValueError as error:
             raise OutputError(f"--out {args.out}: safetensors cannot hold this state ({error})"
                               ) from None
-        output.write(data)
+        safetensors_file.write(state, output.write, metadata)
         output.commit()
     print(report)
     what = "raw" if not args.averaged else "averaged" if not report.raw_fallbacks else \
