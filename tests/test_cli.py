@@ -332,10 +332,18 @@ class HostileCLITest(unittest.TestCase):
             self.assertTrue(stat.S_ISFIFO(os.lstat(self.out).st_mode))
 
     def test_sigterm_leaves_no_temporary_file(self):
-        process = start("convert", self.prefix, "--map", self.rules, "--out", self.out)
+        from tfcompat_ema import write_checkpoint
+        # A checkpoint big enough (256 MiB) that reading and writing it keep the temporary
+        # file there for a good part of a second: the signal lands inside that window.
+        big = self.directory / "big" / "model.ckpt"
+        if not big.with_suffix(".ckpt.index").exists():
+            weights = {"dense/kernel": torch.ones(8192, 8192), "dense/bias": torch.zeros(8192)}
+            weights.update({f"{k}/ExponentialMovingAverage": v for k, v in weights.items()})
+            write_checkpoint(big, weights)
+        process = start("convert", big, "--map", self.rules, "--out", self.out)
         try:
-            # The temporary file exists from before the checkpoint is read (TF's import
-            # takes seconds) until the rename: signal once it is there.
+            # The temporary file exists from before the checkpoint is read until the
+            # rename: signal once it is there.
             deadline = time.monotonic() + 60
             while not os.listdir(self.out_dir) and process.poll() is None \
                     and time.monotonic() < deadline:
