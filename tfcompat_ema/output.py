@@ -122,8 +122,10 @@ class AtomicOutput:
         except OSError as error:
             raise OutputError(f"{self.name}: {error.strerror or error}; nothing written"
                               ) from None
-        os.close(self._descriptor)
-        self._descriptor = None
+        # Forget the descriptor before closing it: a signal that lands between the two must
+        # not make __exit__ close it again (EBADF would hide the signal).
+        descriptor, self._descriptor = self._descriptor, None
+        os.close(descriptor)
         try:
             if self.replace:
                 os.replace(self._temporary, self.path)
@@ -169,8 +171,8 @@ class AtomicOutput:
 
     def __exit__(self, *exc_info) -> None:
         if self._descriptor is not None:
-            os.close(self._descriptor)
-            self._descriptor = None
+            descriptor, self._descriptor = self._descriptor, None
+            os.close(descriptor)
         if self._temporary is not None:
             try:
                 os.unlink(self._temporary)
