@@ -17,6 +17,13 @@ else:
         # loaded globally, so the wheel bundles no second runtime (see _fused.c, run_split).
         compile_args.append("-fopenmp")
 
+# The per-step check that a cached plan's pointers still hold (see _data_pointers.cpp): C++
+# for its try/catch, linked to nothing of torch's. Optional too: without it the check runs in
+# Python, slower.
+pointer_args = ["/O2", "/EHsc"] if sys.platform == "win32" else ["-O2"]
+
 setup(ext_modules=[Extension("tfcompat_ema._fused", ["tfcompat_ema/_fused.c"],
                              extra_compile_args=compile_args, extra_link_args=link_args,
-                             optional=True)])
+                             optional=True),
+                   Extension("tfcompat_ema._data_pointers", ["tfcompat_ema/_data_pointers.cpp"],
+                             extra_compile_args=pointer_args, language="c++", optional=True)])

@@ -29,8 +29,8 @@ multiprocessing.set_forkserver_preload(["torch", "torch.distributed", "numpy", "
 def _entry(rank, fn, world, store, args):
     torch.set_num_threads(1)            # two ranks share the machine's cores
     if os.environ.get("TFCOMPAT_WITHOUT_KERNEL"):     # as tests/conftest.py does here
-        from tfcompat_ema import kernels
-        kernels._fused = None
+        from tfcompat_ema import kernels, layout_guard
+        kernels._fused, layout_guard._data_pointers = None, None
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank,
                             world_size=world,
                             timeout=datetime.timedelta(seconds=COLLECTIVE_TIMEOUT))

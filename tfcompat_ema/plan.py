@@ -17,7 +17,7 @@ from typing import Dict, Iterable, List, Optional, Tuple
 import torch
 
 from . import dtensors, kernels
-from .layout_guard import LayoutGuard
+from .layout_guard import LayoutGuard, pointers, same_pointers
 
 Tensor = torch.Tensor
 
@@ -59,7 +59,7 @@ class Plan:
         self.shadows = [local(tensor) for slot in slots for tensor in slot.state().values()]
         self.specs = list(map(_spec, self.variables)) if self.sharded else None
         self.variable_layouts = LayoutGuard(list(map(local, self.variables)))
-        self.shadow_pointers = list(map(Tensor.data_ptr, self.shadows))
+        self.shadow_pointers = pointers(self.shadows)
         self.batches = [(dtype, kernels.Batch([local(s.shadow) for s in group],
                                               [local(s.var) for s in group]))
                         for (_, dtype, _), group in groups(slots).items()]
@@ -72,9 +72,9 @@ class Plan:
         if self.sharded:        # a shard swapped under a DTensor, or a new layout (spec)
             return (self.variable_layouts.holds(list(map(self._locals, self.variables)))
                     and list(map(self._spec_of, self.variables)) == self.specs
-                    and list(map(Tensor.data_ptr, self.shadows)) == self.shadow_pointers)
+                    and same_pointers(self.shadows, self.shadow_pointers))
         return (self.variable_layouts.holds(self.variables)
-                and list(map(Tensor.data_ptr, self.shadows)) == self.shadow_pointers)
+                and same_pointers(self.shadows, self.shadow_pointers))
 
 
 def groups(slots: Iterable[Slot]) -> Dict[Tuple[torch.device, torch.dtype, bool], List[Slot]]:
