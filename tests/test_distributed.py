@@ -21,7 +21,8 @@ import _ranks
 from _ranks import DECAY, make_model, numpy_of, reference_step, same_on_every_rank, train_step
 from _tf import require
 
-from tfcompat_ema import EMAModule, ExponentialMovingAverage, broadcast_averages
+from tfcompat_ema import (EMAModule, ExponentialMovingAverage, broadcast_averages,
+                          read_checkpoint)
 
 NAMES = ["0.weight", "0.bias", "2.weight", "2.bias"]
 
@@ -134,10 +135,27 @@ def readme_scenario(rank, world, tmp, code):
     for resume in (False, True):
         out, loss = recipes["train_ddp"](make_model(seed=rank), batches, path, resume)
         assert same_on_every_rank(out) and same_on_every_rank(loss.reshape(1))
-    checkpoint = os.path.join(tmp, "dcp")
+    checkpoint, prefix = os.path.join(tmp, "dcp"), os.path.join(tmp, "tf", "model.ckpt")
     for resume in (False, True):
-        out = recipes["train_fsdp2"](make_model(seed=0), batches, checkpoint, resume)
+        out = recipes["train_fsdp2"](make_model(seed=0), batches, checkpoint, resume,
+                                     prefix if resume else None)
         assert out.shape == (4, 3) and same_on_every_rank(out)
+    dist.barrier()                                  # rank 0 wrote the TF checkpoint
+    written = read_checkpoint(prefix).tensors
+    assert sorted(written) == sorted(f"dense_{i}/{kind}{average}" for i in (0, 2)
+                                     for kind in ("kernel", "bias")
+                                     for average in ("", "/ExponentialMovingAverage"))
+    assert written["dense_2/kernel/ExponentialMovingAverage"].shape == (8, 3)
+    # EMAModule over an FSDP2 model, saved and resumed through DCP by the recipe
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.fsdp import fully_shard
+    saved, resumed = (EMAModule(fully_shard(make_model(seed)), DECAY) for seed in (0, 1))
+    saved.update()
+    module_checkpoint = os.path.join(tmp, "dcp_module")
+    dcp.save(saved.state_dict(), checkpoint_id=module_checkpoint)
+    recipes["resume_ema_module"](resumed, module_checkpoint)
+    for key, value in saved.ema.state_dict().items():
+        assert torch.equal(resumed.ema.state_dict()[key].to_local(), value.to_local()), key
 
 
 def hanging_scenario(rank, world, tmp):
