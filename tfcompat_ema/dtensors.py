@@ -88,8 +88,9 @@ def check_gatherable(named: Mapping[str, Tensor], what: str) -> None:
     """Refuse, before any communication, the DTensors in ``named`` that :func:`gather_full`
     cannot make whole bitwise: only ``Shard`` and ``Replicate`` placements on a 1-D mesh
     (FSDP2's) are gathered. A ``Partial`` average is each rank's average of its addend,
-    whose sum is not bitwise the average of the sum; meshes of more dims (HSDP, FSDP with tensor parallelism,
-    ``_StridedShard``) are not tested here: both are errors naming the entry."""
+    whose sum is not bitwise the average of the sum; meshes of more dims (HSDP, FSDP with
+    tensor parallelism, ``_StridedShard``) are not tested here: both are errors naming
+    the entry."""
     if _dtensor_class() is None:
         return
     from torch.distributed.tensor import Replicate, Shard
