@@ -1,7 +1,8 @@
 """Averages under torch.distributed on 2 CPU ranks (gloo), each in its own process with a hard
 time limit (tests/_ranks.py), exact against numpy's per-op float32 arithmetic: DDP, the mean
-over ranks of fed tensors (against TF's MirroredStrategy), the README's recipes. FSDP2's
-DTensor averages: tests/test_dtensors.py."""
+over ranks of fed tensors (against TF's MirroredStrategy), the README's recipes, TF export
+through DDP, torch.compile'd models under and over DDP (and under FSDP2). FSDP2's DTensor
+averages: tests/test_dtensors.py; their checkpoints: tests/test_fsdp2_checkpoints.py."""
 import os
 import re
 import subprocess
@@ -21,7 +22,8 @@ import _ranks
 from _ranks import DECAY, make_model, numpy_of, reference_step, same_on_every_rank, train_step
 from _tf import require
 
-from tfcompat_ema import EMAModule, ExponentialMovingAverage, broadcast_averages
+from tfcompat_ema import (EMAModule, ExponentialMovingAverage, NameMap, Rule,
+                          broadcast_averages, read_checkpoint, write_checkpoint)
 
 NAMES = ["0.weight", "0.bias", "2.weight", "2.bias"]
 
@@ -44,6 +46,19 @@ def ddp_scenario(rank, world, tmp):
         average = ema.average(name)
         assert np.array_equal(numpy_of(average), reference[name]), (rank, name)
         assert same_on_every_rank(average), name
+    # TF export through the DDP wrapper, on each rank: the same checkpoint, byte for byte
+    names = NameMap([Rule("{i}", "dense_{i}", "dense")])
+    tf_vars = names.export(ddp, ema=ema)
+    for name in NAMES:
+        index, kind = name.split(".")
+        key = f"dense_{index}/{'kernel' if kind == 'weight' else 'bias'}/ExponentialMovingAverage"
+        assert np.array_equal(tf_vars[key].numpy(), reference[name].T), key   # kernel [in, out]
+    write_checkpoint(os.path.join(tmp, f"tf{rank}", "model.ckpt"), tf_vars)
+    dist.barrier()
+    for suffix in (".index", ".data-00000-of-00001"):
+        files = [Path(tmp, f"tf{r}", "model.ckpt" + suffix).read_bytes() for r in range(2)]
+        assert files[0] == files[1], suffix
+
     # the same names through torch.compile's wrapper and on the bare model
     ema.apply(ddp.module)                      # the same names, the same tensors: no error
     assert list(ema.state_dict()) == list(state)
@@ -84,6 +99,58 @@ def ddp_scenario(rank, world, tmp):
     bare.ema.load_state_dict(wrapped.ema.state_dict())
     x = torch.randn(3, 6, generator=torch.Generator().manual_seed(7))
     assert torch.equal(wrapped.eval()(x), bare.eval()(x))
+
+
+def compile_scenario(rank, world, tmp):
+    """torch.compile under DDP and over it (and under FSDP2): averages named by the bare
+    model's names. backend="eager" runs Dynamo's tracing, which is what wraps the model in
+    an OptimizedModule (the "_orig_mod." names) and splits DDP's graph, without Inductor
+    compiling C++ kernels (tens of seconds per rank here); the EMA reads the parameters
+    after the optimizer step, whichever backend computed the gradients."""
+    forms = {"DDP(compile)": lambda m: nn.parallel.DistributedDataParallel(
+                 torch.compile(m, backend="eager")),
+             "compile(DDP)": lambda m: torch.compile(nn.parallel.DistributedDataParallel(m),
+                                                     backend="eager")}
+    for form, wrap in forms.items():
+        model = make_model(seed=rank)          # different weights on each rank
+        ema = ExponentialMovingAverage(DECAY)
+        ema.apply(model)                       # before wrapping: per-rank averages
+        wrapped = wrap(model)
+        assert "_orig_mod" in next(iter(wrapped.named_parameters()))[0], form
+        reference = {n: numpy_of(p) for n, p in make_model(seed=0).named_parameters()}
+        optimizer = torch.optim.SGD(wrapped.parameters(), lr=0.1)
+        for step in range(3):
+            train_step(wrapped, optimizer, rank, step)
+            ema.apply(wrapped)                 # the first one broadcasts rank 0's averages
+            for name, parameter in model.named_parameters():
+                reference[name] = reference_step(reference[name], numpy_of(parameter), DECAY)
+        state = ema.state_dict()
+        assert list(state) == [f"{n}/ExponentialMovingAverage" for n in NAMES], list(state)
+        for name in NAMES:
+            assert np.array_equal(numpy_of(ema.average(name)), reference[name]), (form, name)
+            assert same_on_every_rank(ema.average(name)), (form, name)
+        if rank == 0:                          # resumed on a bare model in the test process
+            torch.save({"state": state, "model": model.state_dict()},
+                       os.path.join(tmp, f"{form}.pt"))
+    # FSDP2 of a compiled submodule: "0._orig_mod.weight" averaged as "0.weight", exactly
+    from torch.distributed.fsdp import fully_shard
+    model = make_model(seed=0)
+    model[0] = torch.compile(model[0], backend="eager")
+    fully_shard(model[0])
+    fully_shard(model)
+    ema = ExponentialMovingAverage(DECAY)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    reference = None
+    for step in range(3):
+        train_step(model, optimizer, rank, step)
+        ema.apply(model)
+        shards = {n.replace("_orig_mod.", ""): numpy_of(p) for n, p in model.named_parameters()}
+        reference = shards if reference is None else {
+            n: reference_step(reference[n], shards[n], DECAY) for n in shards}
+    assert [n for n, _ in model.named_parameters()][0] == "0._orig_mod.weight"
+    assert sorted(reference) == sorted(NAMES)
+    for name in NAMES:
+        assert np.array_equal(numpy_of(ema.average(name)), reference[name]), (rank, name)
 
 
 def reduce_scenario(rank, world, tmp):
@@ -134,10 +201,27 @@ def readme_scenario(rank, world, tmp, code):
     for resume in (False, True):
         out, loss = recipes["train_ddp"](make_model(seed=rank), batches, path, resume)
         assert same_on_every_rank(out) and same_on_every_rank(loss.reshape(1))
-    checkpoint = os.path.join(tmp, "dcp")
+    checkpoint, prefix = os.path.join(tmp, "dcp"), os.path.join(tmp, "tf", "model.ckpt")
     for resume in (False, True):
-        out = recipes["train_fsdp2"](make_model(seed=0), batches, checkpoint, resume)
+        out = recipes["train_fsdp2"](make_model(seed=0), batches, checkpoint, resume,
+                                     prefix if resume else None)
         assert out.shape == (4, 3) and same_on_every_rank(out)
+    dist.barrier()                                  # rank 0 wrote the TF checkpoint
+    written = read_checkpoint(prefix).tensors
+    assert sorted(written) == sorted(f"dense_{i}/{kind}{average}" for i in (0, 2)
+                                     for kind in ("kernel", "bias")
+                                     for average in ("", "/ExponentialMovingAverage"))
+    assert written["dense_2/kernel/ExponentialMovingAverage"].shape == (8, 3)
+    # EMAModule over an FSDP2 model, saved and resumed through DCP by the recipe
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.fsdp import fully_shard
+    saved, resumed = (EMAModule(fully_shard(make_model(seed)), DECAY) for seed in (0, 1))
+    saved.update()
+    module_checkpoint = os.path.join(tmp, "dcp_module")
+    dcp.save(saved.state_dict(), checkpoint_id=module_checkpoint)
+    recipes["resume_ema_module"](resumed, module_checkpoint)
+    for key, value in saved.ema.state_dict().items():
+        assert torch.equal(resumed.ema.state_dict()[key].to_local(), value.to_local()), key
 
 
 def hanging_scenario(rank, world, tmp):
@@ -191,6 +275,28 @@ class DDPTest(unittest.TestCase):
     def test_averages_are_exact_identical_across_ranks_and_resume(self):
         with tempfile.TemporaryDirectory() as tmp:
             _ranks.run(ddp_scenario, tmp)
+
+
+class CompileTest(unittest.TestCase):
+    def test_compiled_models_under_and_over_ddp_and_fsdp2_keep_the_bare_names(self):
+        with tempfile.TemporaryDirectory() as tmp:
+            _ranks.run(compile_scenario, tmp, timeout=30)
+            for form in ("DDP(compile)", "compile(DDP)"):
+                saved = torch.load(os.path.join(tmp, f"{form}.pt"))
+                model = make_model(seed=1)                   # single process, bare
+                model.load_state_dict(saved["model"])
+                with torch.no_grad():
+                    for parameter in model.parameters():
+                        parameter.mul_(0.5)                  # one more "step"
+                resumed = ExponentialMovingAverage(DECAY)
+                resumed.load_state_dict(saved["state"])
+                resumed.apply(model)
+                for name, parameter in model.named_parameters():
+                    expected = reference_step(
+                        numpy_of(saved["state"][f"{name}/ExponentialMovingAverage"]),
+                        numpy_of(parameter), DECAY)
+                    self.assertTrue(np.array_equal(numpy_of(resumed.average(name)), expected),
+                                    (form, name))
 
 
 class ReadmeRecipesTest(unittest.TestCase):

@@ -81,6 +81,20 @@ class EMAModuleTest(unittest.TestCase):
         train_step(restored, self.x)
         self.assertEqual(restored.ema.num_updates, 1)
 
+    def test_its_own_empty_state_handed_back_is_refused_with_the_call_order(self):
+        # what torch.distributed.checkpoint leaves in a fresh EMAModule: nothing to load into
+        model = EMAModule(make_model(), decay=0.9, num_updates="auto")
+        state = model.state_dict()
+        state["_extra_state"]["num_updates"].fill_(7)    # as DCP fills the count in place
+        for attempt in range(2):                         # refused again, not let through
+            with self.assertRaisesRegex(ValueError, r"one update\(\) of the EMAModule"):
+                model.load_state_dict(state)
+            self.assertEqual(model.ema.num_updates, 0)
+        model.update()                                   # the documented order
+        state = model.state_dict()
+        model.load_state_dict(state)
+        self.assertEqual(model.ema.num_updates, 1)
+
     def test_to_moves_the_averages(self):
         model = EMAModule(make_model(), decay=0.9)
         train_step(model, self.x)

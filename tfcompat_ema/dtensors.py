@@ -9,13 +9,16 @@ global update, with no all-gather and no global slicing, for even and uneven sha
 Everything that looks at memory (the kernel's pointers, layout checks, storage checks,
 identity and aliasing checks) looks at the local shard: a DTensor's own ``data_ptr()`` is 0.
 
+Nothing here communicates except :func:`gather_full`, which TF export needs (a TF
+checkpoint holds full tensors): an all-gather per DTensor, on every rank.
+
 No DTensor exists unless ``torch.distributed.tensor`` was imported, so this module does
 not import it: ``is_dtensor`` is False until then, at no cost.
 """
 from __future__ import annotations
 
 import sys
-from typing import Optional
+from typing import Dict, Mapping, Optional
 
 import torch
 
@@ -79,3 +82,31 @@ def clone(value: Tensor) -> Tensor:
 
 def zeros_like(value: Tensor) -> Tensor:
     return new_like(value, torch.zeros_like(local(value), memory_format=torch.preserve_format))
+
+
+def check_gatherable(named: Mapping[str, Tensor], what: str) -> None:
+    """Refuse, before any communication, the DTensors in ``named`` that :func:`gather_full`
+    cannot make whole bitwise: only ``Shard`` and ``Replicate`` placements on a 1-D mesh
+    (FSDP2's) are gathered. A ``Partial`` average is each rank's average of its addend,
+    whose sum is not bitwise the average of the sum; meshes of more dims (HSDP, FSDP with
+    tensor parallelism, ``_StridedShard``) are not tested here: both are errors naming
+    the entry."""
+    if _dtensor_class() is None:
+        return
+    from torch.distributed.tensor import Replicate, Shard
+    refused = [f"{what} {name!r} is {describe(tensor)}" for name, tensor in named.items()
+               if is_dtensor(tensor) and (tensor.device_mesh.ndim != 1 or not all(
+                   type(p) in (Shard, Replicate) for p in tensor.placements))]
+    if refused:
+        raise ValueError(f"{'; '.join(refused[:3])}{' ...' if len(refused) > 3 else ''}: only "
+                         "DTensors sharded or replicated on a 1-D mesh (FSDP2's) are gathered "
+                         "into full tensors; gather the others yourself (full_tensor()) and "
+                         "pass plain tensors")
+
+
+def gather_full(named: Mapping[str, Tensor]) -> Dict[str, Tensor]:
+    """``named`` with every DTensor replaced by its full tensor (a new plain tensor), others
+    as they are. A collective (an all-gather per DTensor): every rank of the mesh must call
+    it with the same names in the same order. Check with :func:`check_gatherable` first."""
+    return {name: tensor.detach().full_tensor() if is_dtensor(tensor) else tensor
+            for name, tensor in named.items()}

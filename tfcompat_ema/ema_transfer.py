@@ -31,8 +31,10 @@ from torch import nn
 
 from . import validation as check
 from .ema import AUTO, NUM_UPDATES_KEY, ExponentialMovingAverage
+from .ema_names import ema_state_key
 from .module import EMAModule
 from .report import MappingError, Report
+from .rules import join
 from .tf_names import TFNames
 
 Tensor = torch.Tensor
@@ -186,3 +188,17 @@ def averages(ema: ExponentialMovingAverage, names) -> Dict[str, Tensor]:
     """The averages ``ema`` keeps of these names (also those loaded, waiting for ``apply``)."""
     averaged = set(averaged_names(ema))
     return {name: ema.average(name).detach() for name in names if name in averaged}
+
+
+def fed_state(tensor_ema: ExponentialMovingAverage, state: Mapping[str, Tensor],
+              tf_ema_name: str) -> Dict[str, Tensor]:
+    """``tensor_ema``'s averages of fed tensors (not the model's entries in ``state``) and
+    their debias state, copied, under TF's names for an EMA named ``tf_ema_name``."""
+    fed = {}
+    for key, value in tensor_ema.state_dict().items():
+        found = ema_state_key(key, tensor_ema.name)
+        if found is None or found[0] in state:      # the count, or a variable's
+            continue
+        base, _, leaf = found
+        fed[join(f"{base}/{tf_ema_name}", leaf, "/")] = value.detach().clone()
+    return fed

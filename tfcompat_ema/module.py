@@ -35,6 +35,16 @@ class EMAModule(nn.Module):
             Its state travels in this module's ``state_dict`` (as extra state), and
             ``.to()``/``.cuda()`` move it along.
 
+    Checkpoints under FSDP2 (``torch.distributed.checkpoint``, on every rank): this
+    module's ``state_dict()`` holds the averages as DTensors in its extra state, which DCP
+    flattens (``_extra_state.0.weight/ExponentialMovingAverage``) and saves shard by shard
+    like the weights. DCP loads into the tensors it is given, so a fresh EMAModule needs its
+    averages first: ``wrapped.update()`` once, then ``state = wrapped.state_dict()``,
+    ``dcp.load(state, checkpoint_id=...)``, ``wrapped.load_state_dict(state)`` (weights,
+    averages and count replaced). Without that ``update()`` the load raises ``ValueError``
+    rather than let the next update start the averages afresh. A checkpoint saved on N
+    ranks loads on another number (a bare model on 1 rank included) the same way.
+
     Resuming from a TF checkpoint: ``NameMap.load(ckpt, wrapped, ema=wrapped)`` loads the raw
     weights into ``wrapped.module`` and the averages into ``wrapped.ema`` (with ``buffers=
     "average"``, BatchNorm statistics' averages too; see :mod:`tfcompat_ema.ema_transfer`).
@@ -123,9 +133,10 @@ class EMAModule(nn.Module):
         return self.ema.state_dict()
 
     def set_extra_state(self, state: Dict[str, torch.Tensor]) -> None:
-        # saved whole (no template filled in place): a state saved before the first
-        # update restores exactly that
-        self.ema._load_state(state, allow_empty=True)
+        # A state saved before the first update (torch.save) restores exactly that; the
+        # very dict get_extra_state() gave while there were no averages, handed back still
+        # empty, is torch.distributed.checkpoint's load with nothing to load into: refused.
+        self.ema._load_state(state, holder="EMAModule")
         self._move_averages()
 
     def _apply(self, fn, *args, **kwargs):

@@ -31,7 +31,7 @@ from typing import Dict, Iterable, Mapping, Optional, Sequence, Tuple, Union
 import torch
 from torch import nn
 
-from . import ema_transfer, wrappers
+from . import dtensors, ema_transfer, wrappers
 from .ema import ExponentialMovingAverage
 from .ema_names import DEFAULT_EMA_NAME, ema_state_key as _ema_state_key
 from .report import MappingError, Report, describe as _describe
@@ -362,24 +362,39 @@ class NameMap:
         with ``tensor_ema``, its averages of fed tensors and their debias state. Write it
         with :func:`tfcompat_ema.write_checkpoint`; TF's ``Saver(ema.variables_to_restore())``
         then restores the averages into a TF model.
+
+        FSDP2 (``fully_shard``): the weights and their averages are DTensors, of which each
+        rank holds a shard; TF checkpoints hold full tensors, so every DTensor is gathered
+        whole (an all-gather each, on every rank: full copies, in CPU or device memory as
+        the shards are). That is a collective: **call** ``export`` **on every rank**, with
+        the same model and EMA, then write the result on one rank only (``if
+        dist.get_rank() == 0: write_checkpoint(...)``). DTensors other than FSDP2's (sharded
+        or replicated on a 1-D mesh) are refused, on every rank, before any communication.
+        Under DDP the weights and averages are plain and equal on every rank: export on any.
         """
         state = wrappers.state_dict(model)          # the model's own names, unwrapped
-        tf_vars, report = self.to_tf(state, strict=strict)
+        averages: Dict[str, Tensor] = {}
         if ema is not None:
             ema_transfer.check_ema_names(ema, state)
             averages = ema_transfer.averages(ema, state)
+        fed = {} if tensor_ema is None else ema_transfer.fed_state(tensor_ema, state,
+                                                                   self.ema_name)
+        # DTensors checked on every rank before the first all-gather, so that a refusal is
+        # the same error everywhere, not a rank waiting for the others; the mapping's own
+        # errors come after the gathers, the same on every rank (same model, same rules).
+        parts = (("the model's entry", state), ("the average of", averages),
+                 ("the fed tensors' average", fed))
+        for what, named in parts:
+            dtensors.check_gatherable(named, what)
+        state, averages, fed = (dtensors.gather_full(named) for _, named in parts)
+        tf_vars, report = self.to_tf(state, strict=strict)
+        if averages:
             averaged_tf, _ = self.to_tf({**state, **averages}, strict=False)
             with_average = {report.mapped[n] for n in averages if n in report.mapped}
             for tf_name, value in averaged_tf.items():
                 if tf_name in with_average:
                     tf_vars[f"{tf_name}/{self.ema_name}"] = value
-        if tensor_ema is not None:
-            for key, value in tensor_ema.state_dict().items():
-                found = _ema_state_key(key, tensor_ema.name)
-                if found is None or found[0] in state:      # the count, or a variable's
-                    continue
-                base, _, leaf = found
-                tf_vars[_join(f"{base}/{self.ema_name}", leaf, "/")] = value.detach().clone()
+        tf_vars.update(fed)
         return tf_vars
 
     def _ignored_tf(self, names: TFNames, key: str) -> bool:

@@ -32,17 +32,22 @@ class StateMixin:
         returns them: clone them to keep a snapshot.
         """
         with self._lock:
-            state: Dict[str, Tensor] = {}
-            for slot in self._slots.values():
-                state.update((k, v.detach()) for k, v in slot.state().items())
-            state.update(self._loaded)
-            if self._num_updates == AUTO:
-                state[NUM_UPDATES_KEY] = torch.tensor(self._update_count, dtype=torch.int64)
+            state = self._state()
             if not self._slots and not self._loaded:
                 # remembered: this very dict handed back, with no averages, is what
                 # torch.distributed.checkpoint leaves when it had no averages to load into
                 self._empty_template = state
             return state
+
+    def _state(self) -> Dict[str, Tensor]:
+        """``state_dict()``'s entries (the caller holds the lock), remembering nothing."""
+        state: Dict[str, Tensor] = {}
+        for slot in self._slots.values():
+            state.update((k, v.detach()) for k, v in slot.state().items())
+        state.update(self._loaded)
+        if self._num_updates == AUTO:
+            state[NUM_UPDATES_KEY] = torch.tensor(self._update_count, dtype=torch.int64)
+        return state
 
     def load_state_dict(self, state_dict) -> None:
         """Load a ``state_dict``; refuse (changing nothing) on any missing, extra or odd entry.
@@ -56,11 +61,11 @@ class StateMixin:
         averages, handed back still without averages, is refused (the next ``apply``
         would silently start the averages afresh).
         """
-        self._load_state(state_dict, allow_empty=False)
+        self._load_state(state_dict)
 
-    def _load_state(self, state_dict, allow_empty: bool) -> None:
-        """``load_state_dict``; ``allow_empty``: the EMA's own empty state may come back
-        (``EMAModule``'s extra state, rollbacks)."""
+    def _load_state(self, state_dict, holder: str = "EMA") -> None:
+        """``load_state_dict``; ``holder`` words the refusal of the empty state handed back
+        (``"EMAModule"``: its extra state, whose averages its ``update()`` creates)."""
         if not isinstance(state_dict, Mapping):
             raise TypeError(f"load_state_dict takes a mapping, got {type(state_dict).__name__}")
         state = dict(state_dict)
@@ -77,7 +82,7 @@ class StateMixin:
                                "not count updates (num_updates='auto')")
             for key, value in state.items():
                 check.check_state_value(key, value)
-            current = self.state_dict()
+            current = self._state()          # not state_dict(): a refused template stays refused
             current.pop(NUM_UPDATES_KEY, None)
             if self._slots:
                 missing = sorted(set(current) - set(state))
@@ -88,13 +93,15 @@ class StateMixin:
                 for key, value in state.items():
                     check.check_like(key, current[key], value, what="the average kept")
             else:
-                if not state and not allow_empty and handed_back_empty:
+                if not state and handed_back_empty:
+                    create, into = ("ema.apply(model)", "ema") if holder == "EMA" else \
+                        ("one update() of the EMAModule", "the EMAModule's")
                     raise ValueError(
-                        "this is the state this EMA gave while it had no averages, and it "
-                        "still holds no averages: torch.distributed.checkpoint had nothing "
-                        "to load into, and the next apply would start the averages afresh. "
-                        "Create the averages first (ema.apply(model)), then load into "
-                        "ema.state_dict()")
+                        f"this is the state this {holder} gave while it had no averages, and "
+                        "it still holds no averages: torch.distributed.checkpoint had nothing "
+                        "to load into, and the next update would start the averages afresh. "
+                        f"Create the averages first ({create}), then load into "
+                        f"{into}.state_dict()")
                 check.check_loaded_structure(state, self._name)
                 debiased = [k for k in state if k.endswith("/biased")]
                 if debiased and not self._zero_debias:
