@@ -167,6 +167,39 @@ class TransposeTest(LayoutTestCase):
         load(conv, convert_to_torch(layouts.conv_transpose(), tf_values))
         self.assertClose(nhwc(conv(nchw(x))), layer(x))
 
+    def test_keras_conv3d_transpose_strided_valid(self):
+        rng = np.random.default_rng(19)
+        layer = self.keras.layers.Conv3DTranspose(4, (2, 3, 2), strides=(2, 1, 2),
+                                                  padding="valid")
+        x = rng.standard_normal((2, 3, 4, 3, 3)).astype(np.float32)         # NDHWC
+        layer(x)
+        random_weights(layer, rng)
+        tf_values = {"kernel": torch_of(layer.kernel), "bias": torch_of(layer.bias)}
+        self.assertEqual(tuple(tf_values["kernel"].shape), (2, 3, 2, 4, 3))  # [D,H,W,out,in]
+        conv = nn.ConvTranspose3d(3, 4, (2, 3, 2), stride=(2, 1, 2))
+        load(conv, convert_to_torch(layouts.conv_transpose(), tf_values))
+        self.assertEqual(tuple(conv.weight.shape), (3, 4, 2, 3, 2))         # [in,out,D,H,W]
+        self.assertClose(nhwc(conv(nchw(x))), layer(x))
+        self.assertRoundTrip(layouts.conv_transpose(), tf_values)
+
+    def test_keras_conv2d_transpose_same_padding(self):
+        """TF's "same" output is in * stride: it crops max(kernel - stride, 0) entries of
+        the full output, the smaller half before. PyTorch crops padding on both ends, so an
+        odd total is PyTorch's padding = the smaller half and one more entry cut at the end
+        (the weights are the same whatever the padding: the layout does not change)."""
+        rng = np.random.default_rng(20)
+        layer = self.keras.layers.Conv2DTranspose(2, (4, 3), strides=(2, 2), padding="same")
+        x = rng.standard_normal((2, 5, 4, 3)).astype(np.float32)
+        layer(x)
+        random_weights(layer, rng)
+        expected = layer(x)
+        self.assertEqual(tuple(expected.shape), (2, 10, 8, 2))
+        conv = nn.ConvTranspose2d(3, 2, (4, 3), stride=(2, 2), padding=(1, 0))  # totals 2, 1
+        tf_values = {"kernel": torch_of(layer.kernel), "bias": torch_of(layer.bias)}
+        load(conv, convert_to_torch(layouts.conv_transpose(), tf_values))
+        ours = conv(nchw(x))[:, :, :, :8]
+        self.assertClose(nhwc(ours), expected)
+
     def test_tf_nn_conv1d_transpose_strided(self):
         rng = np.random.default_rng(17)
         x = rng.standard_normal((2, 6, 3)).astype(np.float32)
