@@ -173,7 +173,8 @@ class ChildProcessTest(_Case):
                  {**good, "root": {"keras_version": 3}},
                  {**good, "datasets": [dataset, dataset]},
                  {**good, "datasets": [{**dataset, "path": "layers/dense/vars"}]}]
-        for key, value in [("shape", [-1]), ("shape", [2.0]), ("shape", "2"), ("dtype", "f4"),
+        for key, value in [("shape", [-1]), ("shape", [2.0]), ("shape", [1] * 33),
+                           ("shape", "2"), ("dtype", "f4"),
                            ("dtype", "<f4; import os"), ("dtype", "<q9"), ("exact", 1),
                            ("storage", True), ("offset", -8), ("offset", "0"),
                            ("attrs", {"dtype": {"error": 1}}), ("path", None)]:
@@ -200,6 +201,13 @@ class ChildProcessTest(_Case):
                  "attrs": {}}]})
             self.refused("past the end of the file" if offset else "no data stored")
 
+    def test_an_empty_shape_too_big_for_numpy_is_refused(self):
+        self.answer({"ok": True, "root": {}, "groups": {}, "datasets": [
+            {"path": "layers/dense/vars/0", "shape": [0, 2 ** 64 - 1], "dtype": "<f4",
+             "dtype_text": "float32", "exact": True, "layout": "contiguous", "external": 0,
+             "filters": 0, "storage": 0, "offset": None, "attrs": {}}]})
+        self.refused("too big for numpy")
+
     def test_errors_from_h5py_are_checkpoint_errors(self):
         self.answer({"ok": False, "kind": "h5py", "error": "KeyError: " + "x" * 5000})
         self.assertLess(len(self.refused("KeyError: xxx")), 800)      # quoted, cut short
@@ -222,6 +230,18 @@ class ChildProcessTest(_Case):
         self.assertIn("h5py", modules)
         self.assertFalse(modules & {"tfcompat_ema", "torch", "tensorflow", "keras",
                                     "tf_keras"}, sorted(modules))
+
+
+class WalkLimitsTest(_Case):
+    def test_objects_and_path_characters_are_capped_in_the_child(self):
+        path = write_weights(self.path("m.weights.h5"))
+        self.assertEqual(len(keras_files.read(path, arrays).tensors), 3)
+        with mock.patch.object(keras_files, "MAX_OBJECTS", 5), \
+                self.assertRaisesRegex(CheckpointError, "more than 5 HDF5 objects"):
+            keras_files.read(path, arrays)         # layers, dense, vars, 0, 1, optimizer...
+        with mock.patch.multiple(h5_sandbox, MAX_ANSWER=100, ANSWER_PER_FILE_BYTE=0), \
+                self.assertRaisesRegex(CheckpointError, "more than 50 characters of HDF5"):
+            keras_files.read(path, arrays)
 
 
 class StoredBytesTest(_Case):

@@ -9,10 +9,13 @@ and the file offset of their contiguous data) and the few attributes the reader 
 reads no dataset's values: the parent checks this answer (it does not trust it) and reads
 the bytes itself, at the offsets given.
 
-Usage: ``python -I h5_probe.py MODE MAX_OBJECTS SYS_PATH``. MODE ``file``: stdin is the HDF5
+Usage: ``python -I h5_probe.py MODE MAX_OBJECTS MAX_CHARS SYS_PATH``. MODE ``file``: stdin is
+the HDF5
 file itself (a regular, seekable file); ``bytes``: stdin carries the file's bytes (a
-``.keras`` archive's ``model.weights.h5``). SYS_PATH: the parent's ``sys.path`` as JSON, so
-that the child imports the h5py and numpy the parent would have imported.
+``.keras`` archive's ``model.weights.h5``). MAX_CHARS: the most characters of object paths
+in all (a path repeats its parents' names: deep nesting makes them quadratic). SYS_PATH:
+the parent's ``sys.path`` as JSON, so that the child imports the h5py and numpy the parent
+would have imported.
 
 A standalone script: it imports json, sys, io, numpy and h5py, never tfcompat_ema (run with
 ``-I``, its own directory is not on ``sys.path``), torch or TensorFlow.
@@ -42,7 +45,8 @@ class Refused(Exception):
 
 
 def main(argv):
-    mode, max_objects, path = argv[1], int(argv[2]), json.loads(argv[3])
+    mode, max_objects, max_chars, path = argv[1], int(argv[2]), int(argv[3]), \
+        json.loads(argv[4])
     sys.path[:] = path
     try:
         import h5py
@@ -56,7 +60,7 @@ def main(argv):
         return answer({"ok": False, "kind": "open", "error": str(error)})
     try:
         with h5:
-            found = describe(h5, max_objects, h5py)
+            found = describe(h5, max_objects, max_chars, h5py)
     except Refused as error:
         found = {"ok": False, "kind": "refused", "error": str(error)}
     except H5PY_ERRORS as error:
@@ -71,14 +75,17 @@ def answer(found) -> int:
     return 0
 
 
-def describe(h5, max_objects, h5py):
+def describe(h5, max_objects, max_chars, h5py):
     """The file's groups and datasets, walked as ``visititems`` walks them."""
-    groups, datasets, count = {}, [], [0]
+    groups, datasets, count, chars = {}, [], [0], [0]
 
     def visit(name, obj):
         count[0] += 1
+        chars[0] += len(name)
         if count[0] > max_objects:
             raise Refused(f"more than {max_objects} HDF5 objects")
+        if chars[0] > max_chars:
+            raise Refused(f"more than {max_chars} characters of HDF5 paths")
         if isinstance(obj, h5py.Group):
             groups[name] = attributes(obj, GROUP_KEYS)
         elif isinstance(obj, h5py.Dataset):

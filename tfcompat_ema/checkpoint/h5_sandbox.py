@@ -42,9 +42,11 @@ PROBE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "h5_probe.py")
 PROBE_SECONDS = 30.0
 PROBE_SECONDS_PER_MIB = 0.1
 #: The child's answer is refused above this many bytes plus 8 per byte of the file (an
-#: answer is mostly paths, and a path's text may repeat its parents' names).
+#: answer is mostly paths, and a path's text repeats its parents' names: deep nesting makes
+#: them quadratic in the file's size); the child stops walking at half of it in paths.
 MAX_ANSWER = 64 << 20
 ANSWER_PER_FILE_BYTE = 8
+MAX_RANK = 32                # HDF5's H5S_MAX_RANK (and numpy 1.x's limit)
 _ERROR_CHARS = 500           # of the child's error text or stderr quoted in an error
 _DTYPE = re.compile(r"[<>|=][A-Za-z][0-9]{0,3}")
 
@@ -151,7 +153,7 @@ def _run_probe(path, source, size, max_objects):
         raise RuntimeError("no Python executable (sys.executable) to run the HDF5 reader in")
     in_memory = isinstance(source, (bytes, bytearray, memoryview))
     command = [sys.executable, "-I", PROBE, "bytes" if in_memory else "file",
-               str(max_objects), json.dumps(sys.path)]
+               str(max_objects), str(_max_answer(size) // 2), json.dumps(sys.path)]
     limit = time_limit(size)
     with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
         process = subprocess.Popen(command, stdin=subprocess.PIPE if in_memory else source,
@@ -177,13 +179,17 @@ def _run_probe(path, source, size, max_objects):
             tail = err.read().decode("utf-8", "replace").strip()
             raise CheckpointError(f"{path}: the HDF5 reader's process failed (exit {code}): "
                                   f"{tail or 'no answer'}")
-        if answer_size > MAX_ANSWER + ANSWER_PER_FILE_BYTE * size:
+        if answer_size > _max_answer(size):
             raise _bad_answer(path, f"{answer_size} bytes")
         out.seek(0)
         try:
             return json.loads(out.read().decode("ascii"))
         except (UnicodeDecodeError, ValueError, RecursionError) as error:
             raise _bad_answer(path, f"not JSON ({error})") from None
+
+
+def _max_answer(size):
+    return MAX_ANSWER + ANSWER_PER_FILE_BYTE * size
 
 
 def _signal_name(number):
@@ -235,6 +241,8 @@ def _dataset(path, entry) -> DatasetInfo:
     shape = entry.get("shape")
     if shape is not None:
         shape = tuple(_count(path, n, "shape") for n in _field(path, entry, "shape", list))
+        if len(shape) > MAX_RANK:
+            raise _bad_answer(path, f"{len(shape)} dimensions")
     dtype = entry.get("dtype")
     if dtype is not None:
         if type(dtype) is not str or not _DTYPE.fullmatch(dtype):

@@ -201,8 +201,14 @@ def _read_dataset(path, dataset: DatasetInfo, source, file_size):
     if count and dataset.storage != nbytes:
         raise CheckpointError(f"{where}: {dataset.storage} bytes stored for shape "
                               f"{list(shape)} ({nbytes} bytes)")
-    array = read_array(path, source, file_size, dataset, dtype, shape) if count \
-        else np.empty(shape, dtype)
+    if count:
+        array = read_array(path, source, file_size, dataset, dtype, shape)
+    else:
+        try:
+            array = np.empty(shape, dtype)
+        except ValueError:                        # (0, 2**64 - 1): empty, yet too big
+            raise CheckpointError(f"{where}: shape {list(shape)} is too big for numpy") \
+                from None
     if dtype_name == "bfloat16":     # 2-byte raw values (opaque ones: as Keras wrote them,
         bits = array.view("<u2") if dtype.kind == "V" else array      # little-endian)
         return bits.astype(np.uint16), dtype_name
