@@ -10,8 +10,7 @@ reads no dataset's values: the parent checks this answer (it does not trust it) 
 the bytes itself, at the offsets given.
 
 Usage: ``python -I h5_probe.py MODE MAX_OBJECTS MAX_CHARS SYS_PATH``. MODE ``file``: stdin is
-the HDF5
-file itself (a regular, seekable file); ``bytes``: stdin carries the file's bytes (a
+the HDF5 file itself (a regular, seekable file); ``bytes``: stdin carries the file's bytes (a
 ``.keras`` archive's ``model.weights.h5``). MAX_CHARS: the most characters of object paths
 in all (a path repeats its parents' names: deep nesting makes them quadratic). SYS_PATH:
 the parent's ``sys.path`` as JSON, so that the child imports the h5py and numpy the parent
