@@ -26,6 +26,8 @@ DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
 # A 13 KB .weights.h5 with a few bytes flipped (seed 7, case 2194 of a byte-flip fuzz) on
 # which libhdf5 1.14.6 (h5py 3.14) spins forever inside an attribute read.
 HANG = os.path.join(DATA, "hang.weights.h5")
+# Case 755 of the same fuzz: libhdf5 1.14.6 dereferences a bad pointer walking it (SIGSEGV).
+SEGFAULT = os.path.join(DATA, "segfault.weights.h5")
 LIMIT = 2.0                 # seconds: the child's time limit in these tests
 FUZZ_CASES = 200
 
@@ -80,7 +82,7 @@ class _Case(unittest.TestCase):
         return started
 
 
-class HangingLibhdf5Test(_Case):
+class HostileFixturesTest(_Case):
     def test_the_hanging_file_is_stopped_within_the_limit(self):
         h5py = require("h5py")
         started = self.processes()
@@ -95,6 +97,14 @@ class HangingLibhdf5Test(_Case):
             self.assertIn("still reading it after 2 s", str(caught.exception))
             self.assertLess(started[0].returncode, 0)             # killed
         print(f"\nhanging file: CheckpointError after {elapsed:.2f} s (limit {LIMIT} s)")
+
+    def test_the_file_libhdf5_crashes_on_is_an_error(self):
+        h5py = require("h5py")
+        with small_limit(), self.assertRaises(CheckpointError) as caught:
+            read_checkpoint(SEGFAULT)
+        self.assertIn(SEGFAULT, str(caught.exception))
+        if h5py.version.hdf5_version == "1.14.6":
+            self.assertIn("libhdf5 crashed on it (SIGSEGV)", str(caught.exception))
 
     def test_the_limit_grows_with_the_file(self):
         self.assertEqual(h5_sandbox.time_limit(0), h5_sandbox.PROBE_SECONDS)
