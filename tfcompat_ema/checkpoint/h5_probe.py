@@ -76,7 +76,7 @@ def answer(found) -> int:
 
 def describe(h5, max_objects, max_chars, h5py):
     """The file's groups and datasets, walked as ``visititems`` walks them."""
-    groups, datasets, count, chars = {}, [], [0], [0]
+    groups, datasets, count, chars = {}, {}, [0], [0]
 
     def visit(name, obj):
         count[0] += 1
@@ -86,14 +86,17 @@ def describe(h5, max_objects, max_chars, h5py):
         if chars[0] > max_chars:
             raise Refused(f"more than {max_chars} characters of HDF5 paths")
         if isinstance(obj, h5py.Group):
-            groups[name] = attributes(obj, GROUP_KEYS)
+            groups[name] = obj
         elif isinstance(obj, h5py.Dataset):
-            datasets.append(dataset(name, obj, h5py))
+            datasets[name] = obj
         else:
             raise Refused(f"{name!r} is neither a group nor a dataset")
     h5.visititems(visit)
-    return {"ok": True, "root": attributes(h5, ROOT_KEYS), "groups": groups,
-            "datasets": datasets}
+    # The whole walk first, then the attributes and datasets: a file whose structure is
+    # broken fails with h5py's error for it (libhdf5 may crash reading a broken object).
+    return {"ok": True, "root": attributes(h5, ROOT_KEYS),
+            "groups": {name: attributes(obj, GROUP_KEYS) for name, obj in groups.items()},
+            "datasets": [dataset(name, obj, h5py) for name, obj in datasets.items()]}
 
 
 def dataset(name, obj, h5py):
