@@ -12,20 +12,23 @@ average of it ``dense/kernel/average``; the optimizer's step count ``optimizer/i
   ``save("x.h5")``): datasets named by the variables (``dense/dense/kernel:0``), the
   optimizer's under ``optimizer_weights`` (tf_keras: ``Adam/average/dense/kernel:0``).
 
-h5py parses the HDF5 files: a hostile HDF5 file is parsed by code out of our control (h5py
-and libhdf5). What we bound: only plain numeric datasets are read (no compound, string,
-reference or variable-length types), only uncompressed ones, and only after their stored size
-has been checked to equal their shape times their item size and to fit in the file, so a
-crafted shape cannot make us allocate more than the file holds; the number of objects walked
-is capped; a ``.keras`` archive's members are read with their declared sizes checked against
-the archive (no zip bombs) and ``config.json`` is capped in size. Every failure is a
+libhdf5 (under h5py) parses the HDF5 files, and it is out of our control: known to crash,
+or to loop forever, on malformed files. So it runs in a child process under a time limit
+(:mod:`.h5_sandbox`, :mod:`.h5_probe`), which only describes the file; its answer is checked,
+and the values are read here, from the file's bytes. What we bound: only plain numeric
+datasets are read (no compound, string, reference or variable-length types, no HDF5 type
+that libhdf5 would convert), only uncompressed contiguous ones stored in the file itself,
+and only after their stored size has been checked to equal their shape times their item
+size and to fit in the file, so a crafted shape cannot make us allocate more than the file
+holds; the number of objects walked is capped; a ``.keras`` archive's members are read with
+their declared sizes checked against the archive (no zip bombs) and ``config.json`` is
+capped in size. Every failure, a crash or a hang of libhdf5 included, is a
 :class:`CheckpointError` naming the file.
 
 h5py is an optional dependency: ``pip install 'tfcompat-ema[keras]'``. Torch-free.
 """
 from __future__ import annotations
 
-import io
 import json
 import os
 import zipfile
@@ -37,6 +40,7 @@ import numpy as np
 from . import keras_layout
 from .errors import CheckpointError
 from .files import open_regular
+from .h5_sandbox import DatasetInfo, H5Info, describe, h5py_installed, read_array
 from .reader import Convert, TFCheckpoint
 
 SUFFIXES = (".keras", ".h5", ".hdf5")
@@ -86,55 +90,39 @@ def read(path, convert: Convert, config=None) -> KerasFile:
 
 
 def _read(path: str, convert: Convert, config) -> KerasFile:
-    h5py = _h5py()
+    if not h5py_installed():
+        raise ImportError("reading Keras files needs h5py: pip install 'tfcompat-ema[keras]'")
     meta = None
     if path.lower().endswith(".keras"):
         if config is not None:
             raise CheckpointError(f"{path}: a .keras file carries its own config; config= is "
                                   "for .weights.h5 files")
         data, meta = _read_archive(path)
-        source, size, version = io.BytesIO(data), len(data), "keras"
-    else:
-        handle, size = open_regular(path)
-        source, version = handle, None
+        info = describe(path, data, len(data), MAX_OBJECTS)
+        return _from_h5(path, info, data, len(data), "keras", meta, convert)
+    handle, size = open_regular(path)
+    with handle:
         if config is not None:
             meta = _read_archive(os.fspath(config), weights=False)[1]
-    try:
-        with source:
-            try:
-                h5 = h5py.File(source, "r")
-            except (OSError, ValueError) as error:
-                raise CheckpointError(f"{path}: not an HDF5 file ({error})") from None
-            with h5:
-                return _from_h5(path, h5, size, version, meta, convert)
-    except CheckpointError:
-        raise
-    except (OSError, ValueError, KeyError, TypeError, RuntimeError, RecursionError) as error:
-        raise CheckpointError(f"{path}: {type(error).__name__}: {error}") from None
+        info = describe(path, handle, size, MAX_OBJECTS)
+        return _from_h5(path, info, handle, size, None, meta, convert)
 
 
-def _h5py():
-    try:
-        import h5py
-    except ImportError:
-        raise ImportError("reading Keras files needs h5py: pip install 'tfcompat-ema[keras]'"
-                          ) from None
-    return h5py
-
-
-def _from_h5(path, h5, size, version, meta, convert) -> KerasFile:
-    datasets, groups = _walk(path, h5)
-    legacy = "layer_names" in h5.attrs or "model_weights" in groups
+def _from_h5(path, h5: H5Info, source, size, version, meta, convert) -> KerasFile:
+    """The file's variables, named, from the child's description of it and its bytes."""
+    datasets, groups = h5.datasets, h5.groups
+    legacy = _has_attr(path, h5.root, "layer_names") or "model_weights" in groups
     if legacy:
-        root = h5["model_weights"] if "model_weights" in groups else h5
-        keras_version = _text_attr(root, "keras_version") or _text_attr(h5, "keras_version")
+        keras_version = (_text_attr(path, "model_weights", groups["model_weights"],
+                                    "keras_version") if "model_weights" in groups else None) \
+            or _text_attr(path, "/", h5.root, "keras_version")
         names = keras_layout.legacy_names(datasets)
         version, config, optimizer = "legacy h5", None, None
     else:
         config, keras_version = (meta or {}).get("config"), (meta or {}).get("keras_version")
-        attrs = {g: _text_attr(h5[g], "name") for g in groups if g.endswith("/vars")
-                 or g == "vars"}
-        shapes = {p: (tuple(d.shape), _dtype_name(path, p, d, check=False))
+        attrs = {g: _text_attr(path, g, a, "name") for g, a in groups.items()
+                 if g.endswith("/vars") or g == "vars"}
+        shapes = {p: (_shape(path, d), _dtype_name(path, d, check=False))
                   for p, d in datasets.items()}
         names, optimizer = keras_layout.new_format_names(path, shapes, attrs, config,
                                                          keras_version)
@@ -149,72 +137,83 @@ def _from_h5(path, h5, size, version, meta, convert) -> KerasFile:
             raise CheckpointError(f"{path}: {ckpt.keys[name]!r} and {file_path!r} would both "
                                   f"be named {name!r}")
         ckpt.keys[name] = file_path
-        array, dtype_name = _read_dataset(path, file_path, datasets[file_path], size)
+        array, dtype_name = _read_dataset(path, datasets[file_path], source, size)
         ckpt.add(name, dtype_name, array, convert)
     return ckpt
 
 
-def _walk(path, h5):
-    """Every dataset (path -> dataset) and group path, at most MAX_OBJECTS of them."""
-    datasets, groups, count = {}, set(), [0]
-
-    def visit(name, obj):
-        count[0] += 1
-        if count[0] > MAX_OBJECTS:
-            raise CheckpointError(f"{path}: more than {MAX_OBJECTS} HDF5 objects")
-        if isinstance(obj, type(h5)) or hasattr(obj, "keys"):
-            groups.add(name)
-        elif hasattr(obj, "shape") and hasattr(obj, "dtype"):
-            datasets[name] = obj
-        else:
-            raise CheckpointError(f"{path}: {name!r} is neither a group nor a dataset")
-    h5.visititems(visit)
-    return datasets, groups
+def _has_attr(path, attrs, key) -> bool:
+    if key in attrs:
+        _text_attr(path, "/", attrs, key)         # (unreadable: an error, not "present")
+        return True
+    return False
 
 
-def _text_attr(obj, key) -> Optional[str]:
-    value = obj.attrs.get(key)
-    if isinstance(value, bytes):
-        value = value.decode("utf-8", "replace")
-    return value if isinstance(value, str) else None
+def _text_attr(path, where, attrs, key) -> Optional[str]:
+    """The attribute's text; None where it is absent or not text."""
+    value = attrs.get(key)
+    if isinstance(value, dict):
+        raise CheckpointError(f"{path}: {where!r}'s attribute {key!r} is unreadable "
+                              f"({value['error']})")
+    return value
 
 
-def _dtype_name(path, file_path, dataset, check=True) -> str:
+def _shape(path, dataset: DatasetInfo):
+    if dataset.shape is None:
+        raise CheckpointError(f"{path}: {dataset.path!r} has no shape (an empty dataspace)")
+    return dataset.shape
+
+
+def _dtype_name(path, dataset: DatasetInfo, check=True) -> str:
     dtype = dataset.dtype
-    if _text_attr(dataset, "dtype") == "bfloat16" and dtype.itemsize == 2 \
-            and dtype.kind in "uV":       # Keras 3 saves bfloat16 as 2-byte raw values
-        return "bfloat16"
-    if dtype.kind not in _NUMERIC or dtype.fields is not None or dtype.subdtype is not None:
+    if _text_attr(path, dataset.path, dataset.attrs, "dtype") == "bfloat16" \
+            and dtype is not None and dtype.itemsize == 2 and dtype.kind in "uV":
+        return "bfloat16"                 # Keras 3 saves bfloat16 as 2-byte raw values
+    if dtype is None or dtype.kind not in _NUMERIC:
         if check:
-            raise CheckpointError(f"{path}: {file_path!r} has dtype {dtype}, not a number type")
-        return str(dtype)
+            raise CheckpointError(f"{path}: {dataset.path!r} has dtype {dataset.dtype_text}, "
+                                  "not a number type")
+        return dataset.dtype_text
     return dtype.newbyteorder("=").name
 
 
-def _read_dataset(path, file_path, dataset, file_size):
+def _read_dataset(path, dataset: DatasetInfo, source, file_size):
     """The dataset's values, read only once its stored size is its shape's (no filters)."""
-    dtype_name = _dtype_name(path, file_path, dataset)
-    where = f"{path}: {file_path!r}"
-    if dataset.compression is not None or dataset.chunks is not None \
-            or dataset.id.get_create_plist().get_nfilters():
+    dtype_name = _dtype_name(path, dataset)
+    dtype, where = dataset.dtype, f"{path}: {dataset.path!r}"
+    if dataset.layout == "chunked" or dataset.filters:
         raise CheckpointError(f"{where} is chunked or compressed; Keras writes neither")
-    shape = tuple(int(n) for n in dataset.shape)
+    if dataset.layout != "contiguous" or dataset.external:
+        raise CheckpointError(f"{where} is stored {dataset.layout}" + (
+            " in external files" if dataset.external else "") + "; Keras stores contiguous "
+            "data in the file")
+    if not dataset.exact:
+        raise CheckpointError(f"{where} is stored in an HDF5 type that {dtype} only "
+                              "approximates (libhdf5 would convert its values)")
+    shape = _shape(path, dataset)
     count = 1
     for n in shape:
         count *= n
-    nbytes = count * dataset.dtype.itemsize
+    nbytes = count * dtype.itemsize
     if nbytes > file_size:
         raise CheckpointError(f"{where}: shape {list(shape)} needs {nbytes} bytes, more than "
                               f"the file's {file_size}")
-    stored = dataset.id.get_storage_size()
-    if count and stored != nbytes:
-        raise CheckpointError(f"{where}: {stored} bytes stored for shape {list(shape)} "
-                              f"({nbytes} bytes)")
-    array = np.empty(shape, dataset.dtype)
+    if count and dataset.storage != nbytes:
+        raise CheckpointError(f"{where}: {dataset.storage} bytes stored for shape "
+                              f"{list(shape)} ({nbytes} bytes)")
     if count:
-        dataset.read_direct(array)
-    if dtype_name == "bfloat16":
-        return array.view(np.uint16), dtype_name
+        array = read_array(path, source, file_size, dataset, dtype, shape)
+    else:
+        try:
+            array = np.empty(shape, dtype)
+        except ValueError:                        # (0, 2**64 - 1): empty, yet too big
+            raise CheckpointError(f"{where}: shape {list(shape)} is too big for numpy") \
+                from None
+    if dtype_name == "bfloat16":     # 2-byte raw values (opaque ones: as Keras wrote them,
+        bits = array.view("<u2") if dtype.kind == "V" else array      # little-endian)
+        return bits.astype(np.uint16), dtype_name
+    if dtype.kind == "b" and count and array.view(np.uint8).max() > 1:
+        raise CheckpointError(f"{where}: a bool dataset holding values other than 0 and 1")
     if not array.dtype.isnative:
         array = array.astype(array.dtype.newbyteorder("="))
     return array, dtype_name
