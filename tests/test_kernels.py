@@ -280,3 +280,62 @@ class CudaTest(unittest.TestCase):
         on_gpu = shadow.cuda()
         kernels.Batch([on_gpu], [value.cuda()]).moving_average_(d)
         self.assertTrue(torch.equal(bits(on_gpu.cpu()), bits(expected)))
+
+
+def cpu_flags():
+    """This CPU's flags, read here independently of the library (x86-64 Linux)."""
+    import platform
+    if sys.platform != "linux" or platform.machine() != "x86_64":
+        return None
+    with open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("flags"):
+                return line.split(":", 1)[1].split()
+    return None
+
+
+class XlaHostTest(unittest.TestCase):
+    """XLA contracts the update into an FMA only where the CPU has one for the dtype."""
+
+    def test_native_fma_dtypes_read_from_this_cpu(self):
+        flags = cpu_flags()
+        if flags is None:
+            self.assertIsNone(kernels.native_fma_dtypes())
+            return
+        expected = ({torch.float32, torch.float64} if "fma" in flags else set()) | (
+            {torch.float16} if "avx512fp16" in flags else set())
+        self.assertEqual(kernels.native_fma_dtypes(), expected)
+
+    def test_float16_without_half_fma_is_the_eager_form(self):
+        flags = cpu_flags()
+        if flags is None or "avx512fp16" in flags:
+            self.skipTest("this CPU has half-precision FMA (or is not x86-64 Linux): "
+                          "tests/test_tf_math_xla.py judges it against TF's XLA")
+        import numpy as np
+        from tfcompat_ema import ExponentialMovingAverage
+        rng = np.random.default_rng(3)
+        start = (rng.standard_normal(4096) * 50).astype(np.float16)
+        values = [(rng.standard_normal(4096) * 50).astype(np.float16) for _ in range(5)]
+        d = np.float16(np.float32(1) - np.float32(0.9))
+        expected = start.copy()
+        for v in values:        # each op in float32, rounded to half (numpy float16 ops)
+            expected = expected - (expected - v) * d
+        w = torch.from_numpy(start.copy())
+        ema = ExponentialMovingAverage(0.9, xla=True)
+        ema.apply({"w": w})
+        for v in values:
+            w.copy_(torch.from_numpy(v))
+            ema.apply()
+        got = ema.average("w").numpy()
+        self.assertTrue(np.array_equal(got.view(np.int16), expected.view(np.int16)))
+
+    def test_float16_refused_where_the_cpu_is_not_known(self):
+        from unittest import mock
+        from tfcompat_ema import ExponentialMovingAverage
+        ema = ExponentialMovingAverage(0.9, xla=True)
+        with mock.patch.object(kernels, "native_fma_dtypes", lambda: None):
+            with self.assertRaisesRegex(NotImplementedError, "'w'.*float16.*AVX512-FP16"):
+                ema.apply({"v": torch.ones(3), "w": torch.ones(3, dtype=torch.float16)})
+            self.assertEqual(ema.state_dict(), {})
+            ema.apply({"v": torch.ones(3)})        # float32 is still taken as fused there
+        self.assertEqual(list(ema.state_dict()), ["v/ExponentialMovingAverage"])

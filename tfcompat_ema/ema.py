@@ -44,8 +44,8 @@ class ExponentialMovingAverage(EvaluationMixin, StateMixin):
             (they start at zero); variables' averages start at the variable and are never
             debiased, as in TF.
         name: the suffix of every average's name, ``"<variable name>/<name>"``.
-        xla: update as TF does when XLA compiles it on the CPU (``jit_compile=True``), see
-            :func:`tfcompat_ema.tf_math.assign_moving_average_`.
+        xla: update as TF does when XLA compiles it for this machine's CPU
+            (``jit_compile=True``), see :func:`tfcompat_ema.tf_math.assign_moving_average_`.
 
     Variables are tracked by reference: ``apply`` reads their current values each time.
 

@@ -16,16 +16,21 @@ With ``xla=True`` both compute TF's update as XLA compiles it on the CPU (see
 :mod:`tfcompat_ema.tf_math`): one fused multiply-add for float32/float64 (C99 ``fma`` in the
 kernel; on the torch path float32 is rounded to odd in float64 and then to float32, which is
 exact, and float64 is refused); float16: the difference rounded to half, then one fused
-multiply-add rounded once to half.
+multiply-add rounded once to half. Whether XLA fuses at all depends on the CPU
+(:func:`native_fma_dtypes`; :mod:`tfcompat_ema.tf_math` decides).
 
 A :class:`Batch` groups tensors of one device and dtype and prepares them once, so that
 repeated updates of the same tensors do no per-tensor work in Python.
 """
 from __future__ import annotations
 
+import functools
+import os
+import platform
+import sys
 import warnings
 from array import array
-from typing import Iterator, List, Optional, Sequence, Tuple
+from typing import FrozenSet, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -58,6 +63,18 @@ def fused_available() -> bool:
 
 
 _warned_unfused = False
+# this package's frames, and torch's (no_grad and other decorators around our methods)
+_INTERNAL_DIRS = tuple(os.path.dirname(os.path.abspath(module.__file__)) + os.sep
+                       for module in (sys.modules[__package__], torch))
+
+
+def _caller_stacklevel() -> int:
+    """The ``stacklevel`` of the first frame outside this package and torch: the user's
+    line, whichever of our entry points (apply, apply_tensors, a schedule, ...) got here."""
+    frame, level = sys._getframe(1), 1
+    while frame is not None and frame.f_code.co_filename.startswith(_INTERNAL_DIRS):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 def _warn_unfused() -> None:
@@ -65,11 +82,14 @@ def _warn_unfused() -> None:
     global _warned_unfused
     if not _warned_unfused:
         _warned_unfused = True
+        # --no-cache-dir: a plain reinstall would take the kernel-less wheel pip cached
         warnings.warn(f"tfcompat_ema's compiled CPU kernel is not available ({_FUSED_MISSING}; "
                       "no C compiler at install time?): CPU updates take the pure-PyTorch "
                       "path, several times slower, and denormals are not flushed to zero as "
-                      "TF's CPU kernels do. Reinstall with a C compiler; "
-                      "tfcompat_ema.fused_available() tells.", RuntimeWarning, stacklevel=4)
+                      "TF's CPU kernels do. Reinstall with a C compiler on PATH: pip install "
+                      "--force-reinstall --no-cache-dir --no-binary tfcompat-ema tfcompat-ema; "
+                      "tfcompat_ema.fused_available() tells.", RuntimeWarning,
+                      stacklevel=_caller_stacklevel())
 
 
 class Batch:
@@ -164,8 +184,42 @@ def _check_xla_batch(dtype: torch.dtype, torch_path: bool) -> None:
             "float64 fused multiply-add")
 
 
+@functools.lru_cache(maxsize=1)
+def native_fma_dtypes() -> Optional[FrozenSet[torch.dtype]]:
+    """The dtypes this machine's CPU has fused multiply-add instructions for, or None where
+    that is not known (read on x86-64 Linux only, from the kernel's CPU flags).
+
+    ``fma`` (FMA3) gives float32 and float64; ``avx512fp16`` gives float16 (Intel since
+    Sapphire Rapids). bfloat16 has none.
+
+    >>> kinds = native_fma_dtypes()
+    >>> kinds is None or kinds <= {torch.float16, torch.float32, torch.float64}
+    True
+    """
+    if sys.platform != "linux" or platform.machine() != "x86_64":
+        return None
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            flags = next((set(line.split(":", 1)[1].split()) for line in cpuinfo
+                          if line.startswith("flags")), None)
+    except OSError:         # no /proc (a sandbox): not known
+        return None
+    if flags is None:
+        return None
+    kinds = {torch.float32, torch.float64} if "fma" in flags else set()
+    if "avx512fp16" in flags:
+        kinds.add(torch.float16)
+    return frozenset(kinds)
+
+
 def check_xla(name: str, tensor: torch.Tensor) -> None:
     """Refuse (before anything changes) a tensor that ``xla=True`` cannot update exactly."""
+    if tensor.dtype == torch.float16 and native_fma_dtypes() is None:
+        # XLA fuses float16 only where the CPU has half-precision FMA: unknown here
+        raise NotImplementedError(
+            f"{name!r}: xla=True on float16 follows the CPU's half-precision FMA (x86-64 "
+            f"AVX512-FP16), which is read on x86-64 Linux only; this is {sys.platform} "
+            f"{platform.machine()}")
     if tensor.dtype == torch.float64 and not (
             fused_available() and tensor.device.type == "cpu" and _plain(tensor)
             and (tensor.is_contiguous() or _dense(tensor))):

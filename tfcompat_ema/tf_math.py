@@ -115,7 +115,8 @@ def assign_moving_average_(batch: kernels.Batch, d: torch.Tensor, xla: bool = Fa
 
     * float32/float64: ``fma(-(shadow - value), d, shadow)``, rounded once;
     * float16: ``fma16(-r16(shadow - value), d, shadow)``: one fused multiply-add rounded
-      once to half (measured; not the eager float16 form);
+      once to half, on CPUs with half-precision FMA (AVX512-FP16); elsewhere every op
+      rounded to half as without XLA (see :func:`xla_fuses`);
     * bfloat16: as without XLA (every op rounded to bfloat16).
 
     >>> import torch
@@ -128,12 +129,34 @@ def assign_moving_average_(batch: kernels.Batch, d: torch.Tensor, xla: bool = Fa
     >>> float(eager), float(xla)                  # two roundings, one
     (0.33500003814697266, 0.33500000834465027)
     """
-    if not xla:
+    if not (xla and xla_fuses(d.dtype)):
         # state_ops.assign_sub(v, (v - value) * decay)
         batch.moving_average_(d)
     else:
         # XLA: subtract(v, multiply(subtract(v, value), decay)), contracted to one FMA
         batch.moving_average_(d, xla=True)
+
+
+def xla_fuses(dtype: torch.dtype) -> bool:
+    """Whether XLA, compiling for this machine's CPU, fuses the update's multiply and
+    subtract into one FMA for ``dtype``.
+
+    XLA:CPU compiles for the host, and LLVM contracts a multiply and a subtract only where
+    the fused instruction exists for the type: float16 on a CPU without half-precision FMA
+    is computed op by op in float32 and rounded to half after each, exactly the form
+    without XLA (TF 2.21 on an AMD EPYC without AVX512-FP16: bitwise the eager form; an
+    earlier machine gave one half-precision FMA, and that AVX512-FP16 is what decides is
+    LLVM's x86 rule for contracting half-precision math). Where the CPU's instructions are
+    not known (:func:`tfcompat_ema.kernels.native_fma_dtypes` is None), float32 and float64
+    are taken as fused and float16 is refused by ``check_xla`` before any update.
+
+    >>> xla_fuses(torch.bfloat16)
+    False
+    """
+    if dtype == torch.bfloat16:
+        return False
+    native = kernels.native_fma_dtypes()
+    return dtype != torch.float16 if native is None else dtype in native
 
 
 def bias_correction(d: torch.Tensor, local_step: torch.Tensor) -> torch.Tensor:
@@ -160,7 +183,7 @@ def zero_debias_(batch: kernels.Batch, local_steps: Sequence[torch.Tensor],
     # update_biased = state_ops.assign_sub(biased_var, (biased_var - value) * decay)
     # state_ops.assign(v, update_biased / bias_factor)
     # (XLA: the assign_sub contracted to one FMA as in assign_moving_average_)
-    batch.zero_debias_(d, factors, xla=xla)
+    batch.zero_debias_(d, factors, xla=xla and xla_fuses(d.dtype))
 
 
 # ---------------------------------------------------------------------- Keras use_ema
