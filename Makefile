@@ -81,7 +81,7 @@ wheel: $(BUILD_STAMP)
 		--wheel-dir dist build/wheel/*.whl
 	cp build/wheel/*.tar.gz dist/
 	$(BUILD_PY) -m auditwheel show dist/*.whl
-	ls dist/*-cp311-*manylinux*.whl
+	ls dist/*manylinux*.whl
 	$(BUILD_PY) -m twine check --strict dist/*
 
 # The wheel installed non-editable in a fresh venv with torch only, its tests run from outside
