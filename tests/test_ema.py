@@ -311,6 +311,10 @@ class StateDictTest(unittest.TestCase):
             with self.assertRaisesRegex(ValueError, "no averages.*ema.apply"):
                 ema.load_state_dict(state)
             self.assertEqual(ema.num_updates, 0 if auto else None)
+            # a copy of it is DCP's leftover just the same
+            copied = dict(ema.state_dict())
+            with self.assertRaisesRegex(ValueError, "no averages.*ema.apply"):
+                ema.load_state_dict(copied)
         # any other state without averages loads (a count to start from, an empty save)
         ema = ExponentialMovingAverage(0.9, num_updates="auto")
         ema.load_state_dict({"num_updates": torch.tensor(5)})

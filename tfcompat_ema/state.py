@@ -34,9 +34,10 @@ class StateMixin:
         with self._lock:
             state = self._state()
             if not self._slots and not self._loaded:
-                # remembered: this very dict handed back, with no averages, is what
-                # torch.distributed.checkpoint leaves when it had no averages to load into
-                self._empty_template = state
+                # remembered: a state without averages handed back while this EMA still has
+                # none (this dict or a copy of it) is what torch.distributed.checkpoint
+                # leaves when it had no averages to load into
+                self._gave_empty_state = True
             return state
 
     def _state(self) -> Dict[str, Tensor]:
@@ -57,9 +58,11 @@ class StateMixin:
 
         Through ``torch.distributed.checkpoint``, which loads into the tensors it is given,
         create the averages first (``ema.apply(model)``), then load into
-        ``ema.state_dict()``: the dict this EMA's ``state_dict()`` gave while it had no
-        averages, handed back still without averages, is refused (the next ``apply``
-        would silently start the averages afresh).
+        ``ema.state_dict()``. A state without averages, loaded into an EMA that gave its
+        ``state_dict()`` while it had no averages and still has none, is refused: that is
+        what DCP leaves when it had nothing to load into (the next ``apply`` would silently
+        start the averages afresh). Into an EMA that never gave its state, a state without
+        averages loads (a count to start from, a save made before the first ``apply``).
         """
         self._load_state(state_dict)
 
@@ -70,7 +73,7 @@ class StateMixin:
             raise TypeError(f"load_state_dict takes a mapping, got {type(state_dict).__name__}")
         state = dict(state_dict)
         with self._lock:
-            handed_back_empty = state_dict is getattr(self, "_empty_template", None)
+            handed_back_empty = getattr(self, "_gave_empty_state", False) and not self._loaded
             count = None
             if self._num_updates == AUTO:
                 if NUM_UPDATES_KEY not in state:
@@ -97,9 +100,10 @@ class StateMixin:
                     create, into = ("ema.apply(model)", "ema") if holder == "EMA" else \
                         ("one update() of the EMAModule", "the EMAModule's")
                     raise ValueError(
-                        f"this is the state this {holder} gave while it had no averages, and "
-                        "it still holds no averages: torch.distributed.checkpoint had nothing "
-                        "to load into, and the next update would start the averages afresh. "
+                        f"this state holds no averages, and this {holder}, which gave its state "
+                        "while it had none, still holds no averages: torch.distributed.checkpoint "
+                        "had nothing to load into, and the next update would start the "
+                        "averages afresh. "
                         f"Create the averages first ({create}), then load into "
                         f"{into}.state_dict()")
                 check.check_loaded_structure(state, self._name)
