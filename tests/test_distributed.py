@@ -257,6 +257,45 @@ TF_MIRRORED = textwrap.dedent("""
 """)
 
 
+def disagreement_scenario(rank, world, tmp):
+    """Ranks that disagree on what a collective is about fail together, before anything
+    changes, instead of mixing unlike tensors or waiting for each other."""
+    def refused(call, *what):
+        try:
+            call()
+        except ValueError as error:
+            assert "differ across ranks" in str(error) and all(w in str(error) for w in what), \
+                str(error)
+        else:
+            raise AssertionError(f"rank {rank}: accepted")
+
+    # broadcast_averages over averages of different shapes (Linear(4, 3) vs Linear(4, 4))
+    ema = ExponentialMovingAverage(DECAY)
+    ema.apply(nn.Linear(4, 3 + rank))
+    before = {k: v.clone() for k, v in ema.state_dict().items()}
+    refused(lambda: broadcast_averages(ema), "bias")
+    assert all(torch.equal(before[k], v) for k, v in ema.state_dict().items())
+
+    # reduce="mean" over different names, then different shapes
+    fed = ExponentialMovingAverage(DECAY)
+    refused(lambda: fed.apply_tensors({("loss", "acc")[rank]: torch.ones(2)}, reduce="mean"))
+    refused(lambda: fed.apply_tensors({"loss": torch.ones(2 + rank)}, reduce="mean"))
+    assert fed.state_dict() == {}
+    fed.apply_tensors({"loss": torch.full((2,), float(rank))}, reduce="mean")   # agreeing
+    assert float(fed.average("loss")[0]) == np.float32(0.5) * (np.float32(1) - np.float32(DECAY))
+
+    # only rank 0 loaded a count: the first apply through DDP refuses on both ranks
+    model = make_model(seed=0)
+    counted = ExponentialMovingAverage(DECAY, num_updates="auto")
+    counted.apply(model)
+    if rank == 0:
+        counted.load_state_dict({**counted.state_dict(), "num_updates": torch.tensor(5)})
+    ddp = nn.parallel.DistributedDataParallel(model)
+    before = {k: v.clone() for k, v in counted.state_dict().items()}
+    refused(lambda: counted.apply(ddp), "update count")
+    assert all(torch.equal(before[k], v) for k, v in counted.state_dict().items())
+
+
 class HarnessTest(unittest.TestCase):
     def test_a_hanging_run_is_killed_at_its_deadline(self):
         start = time.monotonic()
@@ -275,6 +314,12 @@ class DDPTest(unittest.TestCase):
     def test_averages_are_exact_identical_across_ranks_and_resume(self):
         with tempfile.TemporaryDirectory() as tmp:
             _ranks.run(ddp_scenario, tmp)
+
+
+class DisagreementTest(unittest.TestCase):
+    def test_ranks_that_disagree_fail_together_and_change_nothing(self):
+        with tempfile.TemporaryDirectory() as tmp:
+            _ranks.run(disagreement_scenario, tmp, timeout=30)
 
 
 class CompileTest(unittest.TestCase):

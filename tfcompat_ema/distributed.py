@@ -32,6 +32,7 @@ order is the backend's (gloo, NCCL), which need not be TF's ``add_n`` order.
 """
 from __future__ import annotations
 
+import hashlib
 import sys
 import weakref
 from typing import List, Optional, Sequence, Tuple
@@ -85,18 +86,27 @@ def new_synced() -> "weakref.WeakSet[nn.Module]":
     return weakref.WeakSet()
 
 
-def broadcast_once(synced, modules: Sequence[Tuple[str, nn.Module]], slots) -> None:
+def broadcast_once(synced, modules: Sequence[Tuple[str, nn.Module]], slots,
+                   count: Optional[int] = None) -> None:
     """Broadcast, from each DDP group's rank 0, the averages of that wrapper's parameters,
-    the first time an update goes through it (``synced`` remembers the wrappers)."""
+    the first time an update goes through it (``synced`` remembers the wrappers).
+
+    The ranks first check that they hold the same averages in the same order and, where
+    the EMA counts its updates (``count``), the same count: a rank that loaded a state the
+    others did not would otherwise decay differently from then on."""
     for path, ddp in modules:
         if ddp in synced:
             continue
         group = ddp.process_group
         source = dist.get_global_rank(group, 0)
         prefix = path + "." if path else ""
-        for slot in slots:
-            if slot.var is not None and slot.name.startswith(prefix):
-                dist.broadcast(slot.shadow, src=source, group=group)
+        shadows = [(slot.name, slot.shadow) for slot in slots
+                   if slot.var is not None and slot.name.startswith(prefix)]
+        check_same_on_every_rank("the averages (names, shapes, dtypes, order) and the "
+                                 "update count", (signature(shadows), count), group,
+                                 [shadow for _, shadow in shadows])
+        for _, shadow in shadows:
+            dist.broadcast(shadow, src=source, group=group)
         synced.add(ddp)
 
 
@@ -106,9 +116,10 @@ def broadcast_averages(ema, src: int = 0, group=None) -> None:
     ``apply(ddp)`` does this by itself at its first update through a DDP wrapper; call it
     where updates never go through the wrapper (``apply(model)`` or ``apply()`` only) and
     the EMA was made before the ranks' parameters agreed. Every rank of the group must call
-    it, with averages of the same names, shapes and dtypes (checked first, on each rank:
-    a rank that differs fails before any communication, and the others then time out).
-    DTensor averages are sharded, not replicated: they are refused.
+    it, with averages of the same names, shapes and dtypes in the same order: checked
+    first with one small ``all_gather``, so that where a rank differs every rank raises
+    ``ValueError`` before any average changes. DTensor averages are sharded, not
+    replicated: they are refused.
 
     Example (on every rank: ``broadcast_averages(ema)``; without a process group it says so):
         >>> import torch
@@ -131,6 +142,9 @@ def broadcast_averages(ema, src: int = 0, group=None) -> None:
                             "its own shard, there is nothing to broadcast")
         if not slots:
             raise ValueError("the EMA keeps no averages of variables to broadcast")
+        shadows = [(slot.name, slot.shadow) for slot in slots]
+        check_same_on_every_rank("the averages (names, shapes, dtypes, order)",
+                                 signature(shadows), group, [slot.shadow for slot in slots])
         for slot in slots:
             dist.broadcast(slot.shadow, src=src, group=group)
 
@@ -156,7 +170,13 @@ def check_reduce(reduce: Optional[str], group, pairs: Sequence[Tuple[str, Tensor
 def mean_across_ranks(pairs: Sequence[Tuple[str, Tensor]], group=None
                       ) -> List[Tuple[str, Tensor]]:
     """Each value replaced by its mean over the group's ranks: the sum, then ``/ n`` in the
-    value's dtype, as TF's ``ReduceOp.MEAN``. The inputs are not changed."""
+    value's dtype, as TF's ``ReduceOp.MEAN``. The inputs are not changed.
+
+    The ranks first check that they feed the same names, shapes and dtypes (one small
+    ``all_gather``): otherwise every rank raises ``ValueError`` instead of summing
+    different values together or waiting for a sum the others never join."""
+    check_same_on_every_rank("the fed tensors (names, shapes, dtypes) of reduce='mean'",
+                             signature(pairs), group, [value for _, value in pairs])
     size = dist.get_world_size(group)
     reduced = []
     for name, value in pairs:
@@ -164,6 +184,37 @@ def mean_across_ranks(pairs: Sequence[Tuple[str, Tensor]], group=None
         dist.all_reduce(total, op=dist.ReduceOp.SUM, group=group)
         reduced.append((name, torch.div(total, size)))
     return reduced
+
+
+def signature(pairs: Sequence[Tuple[str, Tensor]]) -> List[Tuple[str, tuple, str]]:
+    """What every rank must agree on before a collective over these tensors."""
+    return [(name, tuple(tensor.shape), str(tensor.dtype)) for name, tensor in pairs]
+
+
+def check_same_on_every_rank(what: str, mine, group, tensors: Sequence[Tensor]) -> None:
+    """Raise ``ValueError`` on every rank of ``group`` unless all passed the same ``mine``.
+
+    One ``all_gather`` of a 32-byte digest, on the tensors' device (the group's backend
+    may take only that one), so that ranks which disagree fail together and name each
+    other, where a broadcast or sum over unlike tensors would mix them or wait forever.
+    """
+    digest = hashlib.sha256(repr(mine).encode()).digest()
+    device = tensors[0].device if tensors else _collective_device(group)
+    local = torch.tensor(list(digest), dtype=torch.uint8, device=device)
+    everyone = [torch.empty_like(local) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(everyone, local, group=group)
+    others = [rank for rank, theirs in enumerate(everyone) if not torch.equal(theirs, local)]
+    if others:
+        shown = repr(mine)
+        raise ValueError(f"{what} differ across ranks: this rank ({dist.get_rank(group)} in "
+                         f"its group) disagrees with group ranks {others}; here: "
+                         f"{shown[:300]}{'...' if len(shown) > 300 else ''}")
+
+
+def _collective_device(group) -> torch.device:
+    if dist.get_backend(group) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
 
 
 def _is_dtensor(tensor: Tensor) -> bool:

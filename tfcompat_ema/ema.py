@@ -140,7 +140,8 @@ class ExponentialMovingAverage(EvaluationMixin, StateMixin):
                 plan = self._plan(pairs, module)
                 self._plans[key] = plan
             if plan.data_parallel:      # the first update through a DDP wrapper
-                distributed.broadcast_once(self._synced, plan.data_parallel, plan.slots)
+                count = self._update_count if self._num_updates == AUTO else None
+                distributed.broadcast_once(self._synced, plan.data_parallel, plan.slots, count)
             for dtype, batch in plan.batches:
                 tf_math.assign_moving_average_(batch, tf_math.update_weight(decay, dtype),
                                                self._xla)
