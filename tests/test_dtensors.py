@@ -202,6 +202,15 @@ def fsdp_eval_scenario(rank, world, tmp):
         assert "FSDP1" in str(error) and "fully_shard" in str(error), error
     else:
         raise AssertionError("FSDP1 was averaged")
+    # its parameters handed over as pairs or a dict, flat (use_orig_params=False) or views
+    flat = FullyShardedDataParallel(plain_model(), device_id=torch.device("cpu"))
+    for given in (list(fsdp1.named_parameters()), dict(flat.named_parameters())):
+        try:
+            ema.apply(given)
+        except TypeError as error:
+            assert "FSDP1" in str(error) and "fully_shard" in str(error), error
+        else:
+            raise AssertionError(f"FSDP1's parameters were averaged: {list(dict(given))}")
     assert ema.state_dict() == {}
 
 

@@ -53,6 +53,7 @@ def named_tensors(var_list: VarList) -> List[Tuple[str, Tensor]]:
                 raise ValueError("a tensor's name is empty: its average would be named "
                                  "'/<ema name>'")
             pairs.append((name, tensor))
+        wrappers.refuse_fsdp1_pairs(pairs)
     seen = set()
     for name, _ in pairs:
         if name in seen:

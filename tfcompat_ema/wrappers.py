@@ -43,15 +43,27 @@ def _wrappers_in(model: nn.Module) -> Tuple[Set[str], bool]:
     for raw, sub in model.named_modules(remove_duplicate=False):   # parents before children
         kind = _kind(type(sub))
         if kind == "fsdp1":
-            raise TypeError(
-                f"{raw or 'the model'} is FSDP1 (FullyShardedDataParallel): its parameters "
-                "are per-rank pieces of flat shards, whose averages no checkpoint can "
-                "reshard. Use FSDP2 (torch.distributed.fsdp.fully_shard), whose DTensor "
-                "parameters are averaged shard by shard")
+            raise TypeError(f"{raw or 'the model'} is FSDP1 (FullyShardedDataParallel): "
+                            + _FSDP1_REFUSAL)
         if kind == "data parallel":
             paths.add(unwrapped_name(raw, paths))
         private = private or raw.rpartition(".")[2] in PRIVATE_WRAPPER_PARTS
     return paths, private
+
+
+_FSDP1_REFUSAL = ("its parameters are per-rank pieces of flat shards, whose averages no "
+                  "checkpoint can reshard. Use FSDP2 (torch.distributed.fsdp.fully_shard), "
+                  "whose DTensor parameters are averaged shard by shard")
+
+
+def refuse_fsdp1_pairs(pairs: List[Tuple[str, Tensor]]) -> None:
+    """Refuse FSDP1's parameters handed over as (name, tensor) pairs, as its modules are:
+    its flat parameters, or the views into them that ``use_orig_params=True`` names."""
+    for name, tensor in pairs:
+        if type(tensor).__name__ == "FlatParameter" or "_fsdp_wrapped_module" in \
+                name.split(".") or name.rpartition(".")[2] == "_flat_param":
+            raise TypeError(f"{name!r} comes from an FSDP1 (FullyShardedDataParallel) "
+                            f"model: {_FSDP1_REFUSAL}")
 
 
 @functools.lru_cache(maxsize=None)
