@@ -302,7 +302,8 @@ class XlaHostTest(unittest.TestCase):
         if flags is None:
             self.assertIsNone(kernels.native_fma_dtypes())
             return
-        expected = ({torch.float32, torch.float64} if "fma" in flags else set()) | (
+        fma = "fma" in flags or "fma4" in flags
+        expected = ({torch.float32, torch.float64} if fma else set()) | (
             {torch.float16} if "avx512fp16" in flags else set())
         self.assertEqual(kernels.native_fma_dtypes(), expected)
 

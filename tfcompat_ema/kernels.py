@@ -189,8 +189,9 @@ def native_fma_dtypes() -> Optional[FrozenSet[torch.dtype]]:
     """The dtypes this machine's CPU has fused multiply-add instructions for, or None where
     that is not known (read on x86-64 Linux only, from the kernel's CPU flags).
 
-    ``fma`` (FMA3) gives float32 and float64; ``avx512fp16`` gives float16 (Intel since
-    Sapphire Rapids). bfloat16 has none.
+    ``fma`` (FMA3) or ``fma4`` gives float32 and float64; ``avx512fp16`` gives float16
+    (Intel since Sapphire Rapids). These are the instructions LLVM, which compiles XLA's
+    CPU code, contracts a multiply and an add into.
 
     >>> kinds = native_fma_dtypes()
     >>> kinds is None or kinds <= {torch.float16, torch.float32, torch.float64}
@@ -206,7 +207,7 @@ def native_fma_dtypes() -> Optional[FrozenSet[torch.dtype]]:
         return None
     if flags is None:
         return None
-    kinds = {torch.float32, torch.float64} if "fma" in flags else set()
+    kinds = {torch.float32, torch.float64} if flags & {"fma", "fma4"} else set()
     if "avx512fp16" in flags:
         kinds.add(torch.float16)
     return frozenset(kinds)
