@@ -142,11 +142,12 @@ def broadcast_averages(ema, src: int = 0, group=None) -> None:
                             "its own shard, there is nothing to broadcast")
         if not slots:
             raise ValueError("the EMA keeps no averages of variables to broadcast")
-        shadows = [(slot.name, slot.shadow) for slot in slots]
+        shadows = [slot.shadow for slot in slots]
         check_same_on_every_rank("the averages (names, shapes, dtypes, order)",
-                                 signature(shadows), group, [slot.shadow for slot in slots])
-        for slot in slots:
-            dist.broadcast(slot.shadow, src=src, group=group)
+                                 signature([(slot.name, slot.shadow) for slot in slots]),
+                                 group, shadows)
+        for shadow in shadows:
+            dist.broadcast(shadow, src=src, group=group)
 
 
 def check_reduce(reduce: Optional[str], group, pairs: Sequence[Tuple[str, Tensor]]) -> None:
